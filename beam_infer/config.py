@@ -1,0 +1,77 @@
+"""EngineConfig: what a user sets about the engine, validated once, frozen and picklable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DEFAULT_DECODE_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))  # below the core count: leave one to launch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings.
+
+    Attributes:
+        batch_size: records per forward pass.
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+        channels_last: convert the model to channels_last memory format (convolutional models on CUDA).
+        compile: wrap the model in torch.compile.
+        fetch_threads: concurrent reads (fsspec); I/O-bound, so more than the cores.
+        decode_threads: decode and preprocess threads; keep below the core count.
+        postprocess_threads: postprocess threads.
+        max_batch_wait_s: the longest a partial batch waits for more records.
+        max_in_flight: records submitted and not yet returned, across all bundles; `submit` blocks beyond it.
+            0 means four batches.
+        host_buffers: pinned host buffers per direction (one being filled, one copying, one spare).
+        trace_events: keep timed CUDA events per batch and stage (for overlap tests and profiling).
+    """
+
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    fetch_threads: int = 16
+    decode_threads: int = _DEFAULT_DECODE_THREADS
+    postprocess_threads: int = 2
+    max_batch_wait_s: float = 0.05
+    max_in_flight: int = 0
+    host_buffers: int = 3
+    trace_events: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "fetch_threads", "decode_threads", "postprocess_threads", "host_buffers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_in_flight < 0:
+            raise ValueError(f"EngineConfig.max_in_flight must be 0 (automatic) or more, got {self.max_in_flight}")
+        if self.max_batch_wait_s < 0:
+            raise ValueError(f"EngineConfig.max_batch_wait_s must not be negative, got {self.max_batch_wait_s}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"EngineConfig.dtype must be auto or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"EngineConfig.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        """The device this config names, with "auto" resolved on the machine that calls it."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.device!r} asked for, but CUDA is not available on this machine")
+        return device
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The model's dtype on `device`, with "auto" resolved."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight or 4 * self.batch_size

@@ -1,0 +1,132 @@
+"""RunGpuInference: the engine inside Beam. Only lifecycle glue lives here; the work is in beam_infer/engine.
+
+Records (small dicts with a "uri" and optionally an "id") go in; predictions come out on the main output and
+failed records, as dead-letter rows, on the "dead_letters" output. Each output keeps its input's window and
+timestamp, and leaves in the bundle its input came in.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils.shared import Shared
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_infer.config import EngineConfig
+from beam_infer.engine.engine import Engine, Result
+from beam_infer.task import InferenceTask
+
+DEAD_LETTERS = "dead_letters"
+PREDICTIONS = "predictions"
+METRICS_NAMESPACE = "beam_infer"
+
+
+def record_id(record: Mapping[str, Any]) -> str:
+    """A record's id: its "id" field, else its URI."""
+    rid = record.get("id")
+    return str(rid) if rid not in (None, "") else str(record.get("uri", ""))
+
+
+def dead_letter_row(record: Any, stage: str, error_type: str, message: str) -> dict[str, str]:
+    """The dead-letter row of a record: id, uri, stage, error type and message."""
+    fields = record if isinstance(record, Mapping) else {}
+    return {"id": record_id(fields) if fields else repr(record)[:200], "uri": str(fields.get("uri", "")),
+            "stage": stage, "error_type": error_type, "message": message}
+
+
+class _EngineUser:
+    """What `Shared` hands out: one engine, built on first acquire in the process."""
+
+    def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
+        self.engine = Engine(task, config)
+
+
+class _GpuInferenceDoFn(beam.DoFn):
+    def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
+        self._task = task
+        self._config = config
+        self._shared = Shared()  # one engine per worker process, whatever the number of DoFn instances
+
+    def setup(self) -> None:
+        holder = self._shared.acquire(lambda: _EngineUser(self._task, self._config),
+                                      tag=(self._task.name, self._config))
+        self._holder = holder  # keeps the engine alive as long as this DoFn instance lives
+        self._engine = holder.engine.retain()
+
+    def start_bundle(self) -> None:
+        self._bundle = self._engine.open_bundle()
+        self._counts: Counter[str] = Counter()
+        self._stage_us: Counter[str] = Counter()
+        self._batch_sizes: list[int] = []
+
+    def process(self, element: Any, window=beam.DoFn.WindowParam,
+                timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
+        self._counts["records"] += 1
+        if not isinstance(element, Mapping) or not element.get("uri"):
+            self._counts[DEAD_LETTERS] += 1
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(
+                dead_letter_row(element, "input", "ValueError", "a record must be a mapping with a 'uri'"),
+                timestamp, [window]))
+            return
+        self._bundle.submit(element, (window, timestamp))
+        yield from self._emit(self._bundle.poll())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        yield from self._emit(self._bundle.drain())
+        self._bundle = None
+        for name, n in self._counts.items():
+            Metrics.counter(METRICS_NAMESPACE, name).inc(n)
+        for stage, us in self._stage_us.items():
+            Metrics.counter(METRICS_NAMESPACE, f"busy_us_{stage}").inc(us)
+        sizes = Metrics.distribution(METRICS_NAMESPACE, "batch_size")
+        for size in self._batch_sizes:
+            sizes.update(size)
+
+    def teardown(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.release()
+            self._engine = None
+
+    def _emit(self, results: Iterator[Result] | list[Result]) -> Iterator[Any]:
+        for r in results:
+            window, timestamp = r.context
+            for stage, seconds in r.stage_s.items():
+                self._stage_us[stage] += int(seconds * 1e6)
+            if r.failure is not None:
+                self._counts[DEAD_LETTERS] += 1
+                f = r.failure
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(
+                    dead_letter_row(r.record, f.stage, f.error_type, f.message), timestamp, [window]))
+            else:
+                self._counts[PREDICTIONS] += 1
+                self._batch_sizes.append(r.batch_size)
+                row = {**r.record, "id": record_id(r.record), "model": self._task.name, **r.value}
+                yield WindowedValue(row, timestamp, [window])
+
+
+class RunGpuInference(beam.PTransform):
+    """Runs `task` over records ({"uri", "id"?, …}) in one engine per worker process.
+
+    Returns:
+        A tuple of PCollections: `.predictions` (the record's fields, "id", "model" and the postprocess's
+        fields) and `.dead_letters` (id, uri, stage, error_type, message).
+
+    Example:
+        results = records | RunGpuInference(shapes_classifier(), EngineConfig(batch_size=128))
+        results.predictions | WritePredictions(out)
+        results.dead_letters | WriteDeadLetters(out)
+    """
+
+    def __init__(self, task: InferenceTask, config: EngineConfig | None = None) -> None:
+        super().__init__()
+        self._task = task
+        self._config = config or EngineConfig()
+
+    def expand(self, records: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        return records | "Infer" >> beam.ParDo(_GpuInferenceDoFn(self._task, self._config)).with_outputs(
+            DEAD_LETTERS, main=PREDICTIONS)

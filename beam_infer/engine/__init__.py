@@ -1,0 +1,5 @@
+"""The overlapped inference engine: stages, host buffers, CUDA streams. See README.md here."""
+
+from beam_infer.engine.engine import Bundle, Engine, EngineError, Failure, Result
+
+__all__ = ["Bundle", "Engine", "EngineError", "Failure", "Result"]

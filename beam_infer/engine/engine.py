@@ -1,0 +1,459 @@
+"""The engine: one per worker process per (task, device, dtype), shared by every DoFn thread of the process.
+
+    submit ─► fetch pool ─► decode pool ─► ready ─► [batch] collate → H2D ─► [forward] forward → D2H
+           ─► [unload] sync → postprocess pool ─► the record's bundle
+
+Every record comes back exactly once to the bundle that submitted it, as a Result: a value, or a failure
+naming the stage. See README.md in this folder for the life of a batch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from beam_infer.config import EngineConfig
+from beam_infer.engine.batcher import Batcher
+from beam_infer.engine.pinned import BufferPool, Lease
+from beam_infer.engine.streams import Streams
+from beam_infer.io.fetch import fetch_bytes
+from beam_infer.task import InferenceTask, Record
+
+_LOG = logging.getLogger(__name__)
+_QUEUE_DEPTH = 2  # batches waiting between batch→forward and forward→unload: one in flight per boundary
+_HEALTH_CHECK_S = 1.0  # how often a blocked caller looks whether the engine has failed
+_STOP = object()  # sent down the stage queues to end the threads
+_WAKE = object()  # makes the batch thread look again at a draining bundle
+
+STAGES = ("fetch", "preprocess", "collate", "h2d", "forward", "d2h", "postprocess")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a record produced no value: the stage it failed in, the error's type and message."""
+
+    stage: str
+    error_type: str
+    message: str
+
+    @classmethod
+    def of(cls, stage: str, error: BaseException) -> Failure:
+        return cls(stage, type(error).__name__, str(error) or repr(error))
+
+
+@dataclass
+class Result:
+    """A finished record: its input, the context it was submitted with, and a value or a failure."""
+
+    record: Record
+    context: Any
+    value: dict[str, Any] | None = None
+    failure: Failure | None = None
+    stage_s: dict[str, float] = field(default_factory=dict)  # host time spent on this record, per stage
+    batch_size: int = 0
+
+
+@dataclass
+class _Item:
+    result: Result
+    outbox: queue.SimpleQueue
+    array: np.ndarray | None = None
+
+
+@dataclass
+class _Batch:
+    number: int
+    items: list[_Item]
+    lease: Lease
+    device_input: torch.Tensor
+    h2d_done: torch.cuda.Event | None
+    outputs: list[tuple[int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)  # (start, stop, outs)
+    out_leases: list[Lease] = field(default_factory=list)
+    d2h_done: torch.cuda.Event | None = None
+
+
+class EngineError(RuntimeError):
+    """An engine thread failed outside any one record's handling; the bundles waiting on it cannot finish."""
+
+
+class Bundle:
+    """The records one bundle submitted: `submit` them, `poll` what is finished, `drain` the rest.
+
+    Owned by one DoFn thread; only that thread calls its methods.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._done: queue.SimpleQueue[Result] = queue.SimpleQueue()
+        self.pending = 0
+
+    def submit(self, record: Record, context: Any = None) -> None:
+        """Hands a record ({"uri": …, "id": …}) to the engine; blocks while the engine is full."""
+        self._engine._submit(_Item(Result(record, context), self._done))
+        self.pending += 1
+
+    def poll(self) -> list[Result]:
+        """The records of this bundle finished so far, without waiting."""
+        out = []
+        while self.pending:
+            try:
+                out.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+            self.pending -= 1
+        return out
+
+    def drain(self) -> Iterator[Result]:
+        """Yields every remaining record of this bundle, waiting for them; partial batches are flushed."""
+        with self._engine._draining_bundle():
+            while self.pending:
+                try:
+                    result = self._done.get(timeout=_HEALTH_CHECK_S)
+                except queue.Empty:
+                    self._engine._raise_if_failed()
+                    continue
+                self.pending -= 1
+                yield result
+
+
+class Engine:
+    """Loads the task's model once onto the device and runs the overlapped stage pipeline over it.
+
+    Threads run while at least one user holds the engine (`retain` / `release`); the model stays loaded.
+    """
+
+    def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
+        self.task = task
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = config.torch_dtype(self.device)
+        model = task.load_model().eval().to(self.device, self.dtype)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model: Callable[[torch.Tensor], Any] = torch.compile(model) if config.compile else model
+        self.streams = Streams(self.device, timing=config.trace_events)
+        pin = self.device.type == "cuda"
+        self.input_buffers = BufferPool(config.host_buffers, pin=pin)
+        self.output_buffers = BufferPool(config.host_buffers * 4, pin=pin)  # a few output tensors per batch
+        self.trace: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []  # (batch, stage, start, end)
+        self._lock = threading.Lock()
+        self._users = 0
+        self._running = False
+        self._error: BaseException | None = None
+        self._batches = 0
+        _LIVE_ENGINES.add(self)
+        _LOG.info("beam_infer engine started: model %s on %s (%s)", task.name, self.device, self.dtype)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def retain(self) -> Engine:
+        """Registers a user; the first one starts the threads."""
+        with self._lock:
+            self._users += 1
+            if not self._running:
+                self._start()
+        return self
+
+    def release(self) -> None:
+        """Unregisters a user; the last one stops and joins every thread."""
+        with self._lock:
+            self._users -= 1
+            if self._users <= 0 and self._running:
+                self._stop()
+
+    def close(self) -> None:
+        """Stops the threads whatever the users (interpreter exit)."""
+        with self._lock:
+            self._users = 0
+            if self._running:
+                self._stop()
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    def open_bundle(self) -> Bundle:
+        return Bundle(self)
+
+    def _start(self) -> None:
+        c = self.config
+        self._error = None
+        self._room = threading.BoundedSemaphore(c.in_flight_limit)
+        self._upstream = 0  # submitted, not yet ready for the batcher nor failed
+        self._draining = 0  # bundles waiting in drain()
+        self._ready: queue.Queue = queue.Queue()  # bounded by _room
+        self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._to_unload: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+        self._fetch_pool = ThreadPoolExecutor(c.fetch_threads, thread_name_prefix="beam_infer-fetch")
+        self._decode_pool = ThreadPoolExecutor(c.decode_threads, thread_name_prefix="beam_infer-decode")
+        self._post_pool = ThreadPoolExecutor(c.postprocess_threads, thread_name_prefix="beam_infer-post")
+        self._threads = [
+            threading.Thread(target=self._batch_thread, name="beam_infer-batch", daemon=True),
+            threading.Thread(target=self._run_stage, args=(self._to_forward, self._forward, self._to_unload),
+                             name="beam_infer-forward", daemon=True),
+            threading.Thread(target=self._run_stage, args=(self._to_unload, self._unload, None),
+                             name="beam_infer-unload", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        self._running = True
+
+    def _stop(self) -> None:
+        self._running = False
+        self._fetch_pool.shutdown(wait=True, cancel_futures=True)
+        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._ready.put(_STOP)
+        for t in self._threads:
+            t.join()
+        self._post_pool.shutdown(wait=True)
+
+    # ---- submission and the CPU stages -----------------------------------------------------------------
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise EngineError(f"beam_infer engine for {self.task.name} failed: {self._error!r}") from self._error
+
+    def _submit(self, item: _Item) -> None:
+        if not self._running:
+            raise EngineError("submit() on an engine that is not running: call retain() first")
+        while not self._room.acquire(timeout=_HEALTH_CHECK_S):
+            self._raise_if_failed()
+        self._raise_if_failed()
+        with self._lock:
+            self._upstream += 1
+        self._fetch_pool.submit(self._fetch, item)
+
+    def _fetch(self, item: _Item) -> None:
+        t0 = time.perf_counter()
+        try:
+            data = fetch_bytes(item.result.record["uri"])
+        except Exception as e:  # noqa: BLE001 - any error reading one record is that record's failure
+            self._leave_upstream(item, Failure.of("fetch", e))
+            return
+        item.result.stage_s["fetch"] = time.perf_counter() - t0
+        self._decode_pool.submit(self._preprocess, item, data)
+
+    def _preprocess(self, item: _Item, data: bytes) -> None:
+        t0 = time.perf_counter()
+        try:
+            item.array = np.ascontiguousarray(self.task.preprocess(data, item.result.record))
+        except Exception as e:  # noqa: BLE001
+            self._leave_upstream(item, Failure.of("preprocess", e))
+            return
+        item.result.stage_s["preprocess"] = time.perf_counter() - t0
+        self._leave_upstream(item, None)
+
+    def _leave_upstream(self, item: _Item, failure: Failure | None) -> None:
+        if failure is None:
+            self._ready.put(item)
+        else:
+            self._finish(item, failure=failure)
+        with self._lock:
+            self._upstream -= 1
+            wake = self._upstream == 0 and self._draining > 0
+        if wake:
+            self._ready.put(_WAKE)
+
+    def _finish(self, item: _Item, *, value: dict[str, Any] | None = None, failure: Failure | None = None) -> None:
+        item.result.value, item.result.failure = value, failure
+        item.array = None
+        item.outbox.put(item.result)
+        self._room.release()
+
+    @contextlib.contextmanager
+    def _draining_bundle(self) -> Iterator[None]:
+        """While a bundle drains, the batch thread flushes partial batches as soon as nothing more is coming."""
+        with self._lock:
+            self._draining += 1
+        self._ready.put(_WAKE)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._draining -= 1
+
+    # ---- the stage threads -----------------------------------------------------------------------------
+
+    def _guard(self, fn: Callable[..., None], *args: Any) -> None:
+        """Runs one step of a stage thread; an unexpected error (a bug, not a bad record) fails the engine."""
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: BLE001 - fail the waiting bundles loudly, keep the thread alive
+            _LOG.exception("beam_infer engine stage failed")
+            self._error = e
+
+    def _run_stage(self, inbox: queue.Queue, handle: Callable[[Any], None], outbox: queue.Queue | None) -> None:
+        """Runs `handle` on every message until _STOP, then passes _STOP on."""
+        for msg in iter(inbox.get, _STOP):
+            self._guard(handle, msg)
+        if outbox is not None:
+            outbox.put(_STOP)
+
+    def _batch_thread(self) -> None:
+        """Batches ready records by size, by age, or when a draining bundle waits on nothing else."""
+        batcher: Batcher[_Item] = Batcher(self.config.batch_size, self.config.max_batch_wait_s)
+        while True:
+            try:
+                msg = self._ready.get(timeout=batcher.time_left())
+            except queue.Empty:
+                msg = None  # the open batch is due by age
+            if msg is _STOP:
+                self._guard(self._launch, batcher.take())
+                break
+            if msg is None:
+                self._guard(self._launch, batcher.take())
+            elif msg is not _WAKE:
+                self._guard(self._launch, batcher.add(msg))
+            if len(batcher) and self._nothing_more_for_draining():
+                self._guard(self._launch, batcher.take())
+        self._to_forward.put(_STOP)
+
+    def _nothing_more_for_draining(self) -> bool:
+        with self._lock:
+            return self._draining > 0 and self._upstream == 0 and self._ready.empty()
+
+    def _launch(self, items: list[_Item] | None) -> None:
+        """Collates a batch into a host buffer and starts its copy to the device."""
+        if not items:
+            return
+        t0 = time.perf_counter()
+        shape, dtype = items[0].array.shape, items[0].array.dtype
+        good = []
+        for item in items:
+            if item.array.shape != shape or item.array.dtype != dtype:
+                self._finish(item, failure=Failure(
+                    "collate", "ValueError",
+                    f"preprocessed shape {item.array.shape} {item.array.dtype} differs from the batch's "
+                    f"{shape} {dtype}"))
+            else:
+                good.append(item)
+        lease = self.input_buffers.acquire((len(good), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
+        np.stack([item.array for item in good], out=lease.tensor.numpy())
+        t1 = time.perf_counter()
+        number = self._batches
+        self._batches += 1
+        start = self.streams.record(self.streams.h2d) if self.config.trace_events else None
+        with self.streams.on(self.streams.h2d):
+            device_input = lease.tensor.to(self.device, non_blocking=True)
+        h2d_done = self.streams.record(self.streams.h2d)
+        if start is not None:
+            self.trace.append((number, "h2d", start, h2d_done))
+        t2 = time.perf_counter()
+        _share(good, "collate", t1 - t0)
+        _share(good, "h2d", t2 - t1)
+        self._to_forward.put(_Batch(number, good, lease, device_input, h2d_done))
+
+    def _forward(self, batch: _Batch) -> None:
+        """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
+        s = self.streams
+        t0 = time.perf_counter()
+        s.wait(s.compute, batch.h2d_done)
+        start = s.record(s.compute) if self.config.trace_events else None
+        with s.on(s.compute), torch.inference_mode():
+            s.keep_for(batch.device_input, s.compute)
+            failures: list[tuple[int, Failure]] = []
+            self._forward_range(batch, 0, len(batch.items), failures)
+        forward_done = s.record(s.compute)
+        if start is not None:
+            self.trace.append((batch.number, "forward", start, forward_done))
+        batch.lease.release(fence=batch.h2d_done)  # on CPU the forward above already read it
+        t1 = time.perf_counter()
+        for index, failure in failures:
+            self._finish(batch.items[index], failure=failure)
+        if s.cuda:
+            with s.on(s.d2h):
+                s.wait(s.d2h, forward_done)
+                host_outputs = []
+                for start_i, stop_i, outs in batch.outputs:
+                    copies = []
+                    for out in outs:
+                        s.keep_for(out, s.d2h)
+                        lease = self.output_buffers.acquire(out.shape, out.dtype)
+                        lease.tensor.copy_(out, non_blocking=True)
+                        batch.out_leases.append(lease)
+                        copies.append(lease.tensor)
+                    host_outputs.append((start_i, stop_i, tuple(copies)))
+                batch.outputs = host_outputs
+            batch.d2h_done = s.record(s.d2h)
+        _share(batch.items, "forward", t1 - t0)
+        self._to_unload.put(batch)
+
+    def _forward_range(self, batch: _Batch, start: int, stop: int, failures: list[tuple[int, Failure]]) -> None:
+        """Forward on items [start, stop); on an error, bisects to the failing records (halving on CUDA OOM)."""
+        try:
+            outs = self.model(batch.device_input[start:stop])
+            outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+            for out in outs:
+                if not isinstance(out, torch.Tensor) or out.shape[:1] != (stop - start,):
+                    raise ValueError(f"the model must return tensors with the batch ({stop - start}) as their "
+                                     f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
+            batch.outputs.append((start, stop, outs))
+        except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if stop - start == 1:
+                failures.append((start, Failure.of("forward", e)))
+                return
+            mid = (start + stop) // 2
+            self._forward_range(batch, start, mid, failures)
+            self._forward_range(batch, mid, stop, failures)
+
+    def _unload(self, batch: _Batch) -> None:
+        """Waits for the D2H copy, hands each record's output rows to the postprocess pool."""
+        t0 = time.perf_counter()
+        self.streams.synchronize(batch.d2h_done)
+        chunks = [(a, b, tuple(out.float().numpy() if out.dtype in (torch.bfloat16, torch.float16)
+                               else out.numpy().copy() for out in outs))
+                  for a, b, outs in batch.outputs]
+        for lease in batch.out_leases:
+            lease.release()
+        _share(batch.items, "d2h", time.perf_counter() - t0)
+        for a, b, arrays in chunks:
+            items = batch.items[a:b]
+            for item in items:
+                item.result.batch_size = len(batch.items)
+            step = max(1, -(-len(items) // self.config.postprocess_threads))
+            for lo in range(0, len(items), step):
+                self._post_pool.submit(self._postprocess, items[lo:lo + step], [x[lo:lo + step] for x in arrays])
+
+    def _postprocess(self, items: list[_Item], arrays: list[np.ndarray]) -> None:
+        for row, item in enumerate(items):
+            t0 = time.perf_counter()
+            try:
+                value = self.task.postprocess(tuple(x[row] for x in arrays), item.result.record)
+            except Exception as e:  # noqa: BLE001
+                self._finish(item, failure=Failure.of("postprocess", e))
+                continue
+            item.result.stage_s["postprocess"] = time.perf_counter() - t0
+            self._finish(item, value=value)
+
+
+def _share(items: list[_Item], stage: str, seconds: float) -> None:
+    """Spreads a batch stage's time evenly over its records."""
+    if items:
+        each = seconds / len(items)
+        for item in items:
+            item.result.stage_s[stage] = each
+
+
+_LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _close_all() -> None:
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
+atexit.register(_close_all)  # no engine thread outlives the interpreter

@@ -1,0 +1,62 @@
+"""A bounded pool of reusable host buffers, page-locked on CUDA so copies run asynchronously at full speed."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import torch
+
+
+class Lease:
+    """One buffer taken from a pool, viewed as the shape and dtype asked for; give it back with `release`."""
+
+    def __init__(self, pool: BufferPool, slot: int, tensor: torch.Tensor) -> None:
+        self._pool = pool
+        self._slot = slot
+        self.tensor = tensor
+
+    def release(self, fence: torch.cuda.Event | None = None) -> None:
+        """Returns the buffer; the next user waits for `fence` (the last copy reading or writing it)."""
+        self._pool._give_back(self._slot, fence)
+
+
+class BufferPool:
+    """`slots` host buffers, allocated lazily, grown when a larger batch needs it, and otherwise reused.
+
+    `acquire` blocks while every buffer is leased: that is the engine's backpressure between collate and
+    the device. A buffer's memory is never handed out again before the copy that used it has completed.
+    """
+
+    def __init__(self, slots: int, *, pin: bool) -> None:
+        if slots < 1:
+            raise ValueError(f"a buffer pool needs at least one slot, got {slots}")
+        self._pin = pin
+        self._storage: list[torch.Tensor | None] = [None] * slots
+        self._fences: list[torch.cuda.Event | None] = [None] * slots
+        self._free = list(range(slots))
+        self._cond = threading.Condition()
+        self.allocations = 0  # how many buffers were (re)allocated: stays small when buffers are reused
+
+    def acquire(self, shape: Sequence[int], dtype: torch.dtype) -> Lease:
+        """Takes a free buffer (blocking until one is) and views it as `shape` and `dtype`."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        with self._cond:
+            self._cond.wait_for(lambda: self._free)
+            slot = self._free.pop()
+        fence, self._fences[slot] = self._fences[slot], None
+        if fence is not None:
+            fence.synchronize()
+        storage = self._storage[slot]
+        if storage is None or storage.numel() < nbytes:
+            storage = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
+            self._storage[slot] = storage
+            self.allocations += 1
+        return Lease(self, slot, storage[:nbytes].view(dtype).view(tuple(shape)))
+
+    def _give_back(self, slot: int, fence: torch.cuda.Event | None) -> None:
+        with self._cond:
+            self._fences[slot] = fence
+            self._free.append(slot)
+            self._cond.notify()

@@ -1,0 +1,63 @@
+"""Parquet writers with explicit pyarrow schemas: sharded, atomic (Beam's file sink), any Beam filesystem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+
+PREDICTIONS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("model", pa.string()),
+    ("label", pa.string()),  # the known label when the input had one, else null
+    ("top_labels", pa.list_(pa.string())),
+    ("top_scores", pa.list_(pa.float32())),
+])
+
+DEAD_LETTERS_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),
+    ("error_type", pa.string()),
+    ("message", pa.string()),
+])
+
+
+def _project(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {name: row.get(name) for name in names}
+
+
+class WriteParquet(beam.PTransform):
+    """Writes dict rows as `<directory>/<name>-SSSSS-of-NNNNN.parquet`, keeping only the schema's columns.
+
+    Files appear atomically (written to a temporary folder, then renamed), so a reader never sees half a file.
+    """
+
+    def __init__(self, directory: str, name: str, schema: pa.Schema, num_shards: int = 0) -> None:
+        super().__init__()
+        self._prefix = directory.rstrip("/") + "/" + name
+        self._schema = schema
+        self._num_shards = num_shards
+
+    def expand(self, rows: beam.PCollection) -> beam.pvalue.PDone:
+        names = tuple(self._schema.names)
+        return (rows
+                | "Project" >> beam.Map(_project, names)
+                | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
+                                                    num_shards=self._num_shards))
+
+
+class WritePredictions(WriteParquet):
+    """Predictions as `<directory>/predictions-*.parquet` (id, uri, model, label, top_labels, top_scores)."""
+
+    def __init__(self, directory: str, schema: pa.Schema = PREDICTIONS_SCHEMA, num_shards: int = 0) -> None:
+        super().__init__(directory, "predictions", schema, num_shards)
+
+
+class WriteDeadLetters(WriteParquet):
+    """Dead letters as `<directory>/dead_letters-*.parquet` (id, uri, stage, error_type, message)."""
+
+    def __init__(self, directory: str, num_shards: int = 0) -> None:
+        super().__init__(directory, "dead_letters", DEAD_LETTERS_SCHEMA, num_shards)

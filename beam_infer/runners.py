@@ -1,0 +1,34 @@
+"""Runner choice: DirectRunner means Beam's in-process FnApiRunner here, with no attempt to fetch Prism.
+
+Beam 2.77's DirectRunner first tries to download and start the Prism runner binary, which needs the network;
+beam_infer's default path must work offline, so "DirectRunner" resolves to the runner below.
+"""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineRunner
+
+_DIRECT_NAMES = (None, "", "DirectRunner", "direct", "InProcessDirectRunner")
+
+
+class InProcessDirectRunner(PipelineRunner):
+    """Beam's FnApiRunner, as DirectRunner uses it for batch pipelines, minus the Prism attempt.
+
+    Honours --direct_running_mode (in_memory, multi_threading, multi_processing) and --direct_num_workers.
+    """
+
+    def run_pipeline(self, pipeline, options):
+        from apache_beam.portability.api import beam_provision_api_pb2
+        from apache_beam.runners.portability.fn_api_runner import fn_runner
+        from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+        encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+        info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+        return fn_runner.FnApiRunner(provision_info=info).run_pipeline(pipeline, options)
+
+
+def resolve_runner(options: PipelineOptions) -> PipelineRunner | None:
+    """The runner object to pass to beam.Pipeline: ours for DirectRunner, None (Beam's choice) otherwise."""
+    name = options.view_as(StandardOptions).runner
+    return InProcessDirectRunner() if name in _DIRECT_NAMES else None

@@ -1,0 +1,45 @@
+import os
+import threading
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA; run the gpu-marked tests on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def sample_dir(tmp_path):
+    """A directory with 48 generated shape JPEGs and their manifest.jsonl (id, uri, label)."""
+    from beam_infer.sample import write_sample
+
+    write_sample(str(tmp_path / "sample"), 48, seed=77)
+    return tmp_path / "sample"
+
+
+def engine_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("beam_infer")]
+
+
+@pytest.fixture(autouse=True)
+def _no_engine_thread_leaks_between_tests():
+    yield
+    from beam_infer.engine.engine import _close_all
+
+    _close_all()
+
+
+def write_bad_files(directory) -> tuple[str, str]:
+    """A corrupt JPEG (a valid header cut short) and a zero-byte file; returns their paths."""
+    corrupt = os.path.join(directory, "corrupt.jpg")
+    empty = os.path.join(directory, "empty.jpg")
+    with open(corrupt, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage" * 3)
+    open(empty, "wb").close()
+    return corrupt, empty

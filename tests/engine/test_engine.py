@@ -1,0 +1,136 @@
+import threading
+
+import pytest
+
+from beam_infer.config import EngineConfig
+from beam_infer.engine import Engine, EngineError
+from tests.conftest import engine_threads
+from tests.fakes import (POISON_FORWARD, POISON_POSTPROCESS, POISON_PREPROCESS, Doubler, number_task, safe,
+                         write_numbers)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_all(engine, records):
+    bundle = engine.open_bundle()
+    out = []
+    for r in records:
+        bundle.submit(r)
+        out += bundle.poll()
+    out += list(bundle.drain())
+    return out
+
+
+def make_engine(model=None, **config):
+    return Engine(number_task(model), EngineConfig(device="cpu", **config)).retain()
+
+
+def test_every_record_comes_back_once_with_its_value():
+    engine = make_engine(batch_size=4)
+    records = write_numbers(safe(30))
+    out = run_all(engine, records)
+    engine.release()
+    assert sorted(r.record["id"] for r in out) == sorted(r["id"] for r in records)
+    assert all(r.value["doubled"] == 2 * r.record["value"] for r in out)
+
+
+def test_batches_fill_up_to_batch_size():
+    model = Doubler()
+    engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
+    run_all(engine, write_numbers(safe(32)))
+    engine.release()
+    assert sum(model.batch_sizes) == 32
+    assert max(model.batch_sizes) == 8
+
+
+def test_drain_flushes_a_partial_batch_without_waiting_for_max_wait():
+    engine = make_engine(batch_size=64, max_batch_wait_s=3600.0)  # only the drain can flush these 5
+    out = run_all(engine, write_numbers(safe(5)))
+    engine.release()
+    assert len(out) == 5
+
+
+def test_a_record_failing_in_each_stage_becomes_its_own_failure_and_the_rest_go_on():
+    values = [1, POISON_PREPROCESS, 2, POISON_FORWARD, 3, POISON_POSTPROCESS, 4]
+    records = write_numbers(values) + [{"id": "missing", "uri": "memory://beam_infer_tests/none.bin", "value": 0}]
+    engine = make_engine(batch_size=8)
+    out = {r.record["id"]: r for r in run_all(engine, records)}
+    engine.release()
+    stages = {rid: (r.failure.stage if r.failure else None) for rid, r in out.items()}
+    assert stages == {"n0": None, "n1": "preprocess", "n2": None, "n3": "forward", "n4": None,
+                      "n5": "postprocess", "n6": None, "missing": "fetch"}
+    assert out["n3"].failure.error_type == "ValueError" and "poisoned forward" in out["n3"].failure.message
+    assert out["n4"].value == {"doubled": 6.0}
+
+
+def test_forward_error_is_bisected_to_the_bad_record():
+    model = Doubler()
+    engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
+    out = run_all(engine, write_numbers([1, 2, 3, 4, POISON_FORWARD, 6, 8, 9]))
+    engine.release()
+    failed = [r.record["value"] for r in out if r.failure]
+    assert failed == [POISON_FORWARD]
+    assert len(model.batch_sizes) < 8 + 8  # bisection, not one forward per record after every failure
+
+
+def test_a_record_of_another_shape_fails_in_collate():
+    records = write_numbers([1, 2, 3])
+    import fsspec
+    fsspec.filesystem("memory").pipe(records[1]["uri"], b"\x00" * 8)  # two floats instead of one
+    engine = make_engine(batch_size=3, max_batch_wait_s=10.0)
+    out = {r.record["id"]: r for r in run_all(engine, records)}
+    engine.release()
+    assert out["n1"].failure.stage == "collate"
+    assert out["n0"].value and out["n2"].value
+
+
+def test_submit_blocks_when_the_engine_is_full():
+    gate = threading.Event()
+    engine = make_engine(Doubler(gate), batch_size=2, max_in_flight=4, max_batch_wait_s=0.0)
+    bundle = engine.open_bundle()
+    records = write_numbers(safe(6))
+    submitted = []
+
+    def feed():
+        for r in records:
+            bundle.submit(r)
+            submitted.append(r)
+
+    t = threading.Thread(target=feed)
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and len(submitted) == 4  # blocked on the fifth: four in flight
+    gate.set()
+    t.join(timeout=30)
+    assert len(submitted) == 6
+    assert len(list(bundle.drain())) == 6
+    engine.release()
+
+
+def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it():
+    class Broken(Doubler):
+        def forward(self, x):
+            return "not a tensor"
+
+    engine = make_engine(Broken(), batch_size=2)
+    engine._forward_range = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
+    bundle = engine.open_bundle()
+    for r in write_numbers([1, 2]):
+        bundle.submit(r)
+    with pytest.raises(EngineError, match="stage bug"):
+        list(bundle.drain())
+    engine.release()
+
+
+def test_release_by_the_last_user_stops_every_thread_and_retain_restarts_them():
+    engine = make_engine(batch_size=4)
+    engine.retain()
+    run_all(engine, write_numbers(safe(8)))
+    engine.release()
+    assert engine.running and engine_threads()
+    engine.release()
+    assert not engine.running and engine_threads() == []
+    engine.retain()
+    assert len(run_all(engine, write_numbers(safe(3)))) == 3
+    engine.release()
+    assert engine_threads() == []

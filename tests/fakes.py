@@ -1,0 +1,71 @@
+"""Small fakes for engine and DoFn tests: a number-reading task, a doubling model, failure switches."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import fsspec
+import numpy as np
+import torch
+from torch import nn
+
+from beam_infer.task import InferenceTask
+
+POISON_PREPROCESS = -1.0  # preprocess raises on this value
+POISON_FORWARD = 13.0  # the model raises for any batch that holds this value
+POISON_POSTPROCESS = 7.0  # postprocess raises on this value
+
+
+def write_numbers(values) -> list[dict]:
+    """Writes each value as 4 float32 bytes under memory:// and returns their records (id, uri, value)."""
+    root = f"memory://beam_infer_tests/{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    records = []
+    for i, v in enumerate(values):
+        uri = f"{root}/{i:05d}.bin"
+        fs.pipe(uri, np.array([v], dtype=np.float32).tobytes())
+        records.append({"id": f"n{i}", "uri": uri, "value": float(v)})
+    return records
+
+
+def read_number(data: bytes, record) -> np.ndarray:
+    value = np.frombuffer(data, dtype=np.float32)
+    if value.size and value[0] == POISON_PREPROCESS:
+        raise ValueError("poisoned preprocess")
+    return value.copy()
+
+
+def twice(outputs, record) -> dict:
+    (row,) = outputs
+    if float(record["value"]) == POISON_POSTPROCESS:
+        raise RuntimeError("poisoned postprocess")
+    return {"doubled": float(row[0])}
+
+
+class Doubler(nn.Module):
+    """Doubles its input; raises for any batch containing POISON_FORWARD; records the batch sizes it saw."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.batch_sizes: list[int] = []
+        self.gate = gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            self.gate.wait()
+        self.batch_sizes.append(len(x))
+        if (x == POISON_FORWARD).any():
+            raise ValueError("poisoned forward")
+        return x * self.scale
+
+
+def number_task(model: nn.Module | None = None, name: str = "doubler") -> InferenceTask:
+    return InferenceTask(name=name, load_model=(lambda: model) if model is not None else Doubler,
+                         preprocess=read_number, postprocess=twice)
+
+
+def safe(n: int) -> list[float]:
+    """n values that no failure switch reacts to."""
+    return [100.0 + i for i in range(n)]
