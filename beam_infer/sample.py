@@ -62,7 +62,7 @@ def _draw(draw: ImageDraw.ImageDraw, label: str, cx: float, cy: float, r: float,
         radii = [r * 1.15 if k % 2 == 0 else r * 0.45 for k in range(10)]
         angles = [-90 + tilt + 36 * k for k in range(10)]
         draw.polygon([(cx + q * math.cos(math.radians(a)), cy + q * math.sin(math.radians(a)))
-                      for q, a in zip(radii, angles)], fill=fg)
+                      for q, a in zip(radii, angles, strict=True)], fill=fg)
     elif label == "plus":
         w = r * 0.35
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)

@@ -23,8 +23,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_infer import (EngineConfig, ReadRecords, RunGpuInference, WriteDeadLetters, WritePredictions,
-                        resolve_task)
+from beam_infer import EngineConfig, ReadRecords, RunGpuInference, WriteDeadLetters, WritePredictions, resolve_task
 from beam_infer.dofn import METRICS_NAMESPACE
 from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL

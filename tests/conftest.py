@@ -36,10 +36,13 @@ def _no_engine_thread_leaks_between_tests():
 
 
 def write_bad_files(directory) -> tuple[str, str]:
-    """A corrupt JPEG (a valid header cut short) and a zero-byte file; returns their paths."""
+    """A corrupt JPEG (a real one cut short) and a zero-byte file; returns their paths."""
+    from beam_infer.sample import encode, render
+
     corrupt = os.path.join(directory, "corrupt.jpg")
     empty = os.path.join(directory, "empty.jpg")
+    data = encode(render(5, 0)[1])
     with open(corrupt, "wb") as f:
-        f.write(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00garbage" * 3)
+        f.write(data[: len(data) // 3])
     open(empty, "wb").close()
     return corrupt, empty

@@ -148,7 +148,8 @@ class Engine:
         self.input_buffers = BufferPool(config.host_buffers, pin=pin)
         self.output_buffers = BufferPool(config.host_buffers * 4, pin=pin)  # a few output tensors per batch
         self.trace: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []  # (batch, stage, start, end)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # counters shared by the stage threads
+        self._lifecycle = threading.Lock()  # start/stop; never held by a stage thread, so _stop can join them
         self._users = 0
         self._running = False
         self._error: BaseException | None = None
@@ -160,7 +161,7 @@ class Engine:
 
     def retain(self) -> Engine:
         """Registers a user; the first one starts the threads."""
-        with self._lock:
+        with self._lifecycle:
             self._users += 1
             if not self._running:
                 self._start()
@@ -168,14 +169,14 @@ class Engine:
 
     def release(self) -> None:
         """Unregisters a user; the last one stops and joins every thread."""
-        with self._lock:
+        with self._lifecycle:
             self._users -= 1
             if self._users <= 0 and self._running:
                 self._stop()
 
     def close(self) -> None:
         """Stops the threads whatever the users (interpreter exit)."""
-        with self._lock:
+        with self._lifecycle:
             self._users = 0
             if self._running:
                 self._stop()

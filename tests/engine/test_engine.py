@@ -5,8 +5,7 @@ import pytest
 from beam_infer.config import EngineConfig
 from beam_infer.engine import Engine, EngineError
 from tests.conftest import engine_threads
-from tests.fakes import (POISON_FORWARD, POISON_POSTPROCESS, POISON_PREPROCESS, Doubler, number_task, safe,
-                         write_numbers)
+from tests.fakes import POISON_FORWARD, POISON_POSTPROCESS, POISON_PREPROCESS, Doubler, number_task, safe, write_numbers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,3 +133,12 @@ def test_release_by_the_last_user_stops_every_thread_and_retain_restarts_them():
     assert len(run_all(engine, write_numbers(safe(3)))) == 3
     engine.release()
     assert engine_threads() == []
+
+
+def test_the_last_release_with_records_still_in_flight_stops_without_deadlock():
+    engine = make_engine(batch_size=4)
+    bundle = engine.open_bundle()
+    for r in write_numbers(safe(40)):
+        bundle.submit(r)
+    engine.release()  # no drain: stage threads are mid-work and must still be joinable
+    assert not engine.running and engine_threads() == []

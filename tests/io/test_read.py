@@ -1,0 +1,68 @@
+import json
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from beam_infer import InProcessDirectRunner, ReadRecords
+from beam_infer.io.read import expand_input, match_files, read_manifest
+
+pytestmark = pytest.mark.timeout(60)
+ROWS = [{"id": 1, "uri": "a.jpg", "label": "circle"}, {"id": 2, "uri": "/abs/b.jpg", "label": "star"}]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_manifest_rows_become_records_with_absolute_uris_and_string_ids(tmp_path, fmt):
+    path = tmp_path / f"m.{fmt}"
+    table = pa.Table.from_pylist(ROWS)
+    if fmt == "parquet":
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        pcsv.write_csv(table, path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    assert list(read_manifest(str(path))) == [
+        {"id": "1", "uri": f"{tmp_path}/a.jpg", "label": "circle"},
+        {"id": "2", "uri": "/abs/b.jpg", "label": "star"},
+    ]
+
+
+def test_manifest_without_uri_column_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"path": "a.jpg"}\n')
+    with pytest.raises(ValueError, match="no 'uri' column"):
+        list(read_manifest(str(path)))
+
+
+def test_glob_lists_matching_files_sorted(tmp_path):
+    for name in ["b.jpg", "a.jpg", "c.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    assert [r["uri"] for r in match_files(str(tmp_path / "*.jpg"))] == [f"{tmp_path}/a.jpg", f"{tmp_path}/b.jpg"]
+
+
+def test_glob_on_an_fsspec_url_keeps_the_protocol():
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    fs.pipe("memory://read_test/x/1.jpg", b"1")
+    fs.pipe("memory://read_test/x/2.jpg", b"2")
+    from beam_infer.io.fetch import fetch_bytes
+    uris = [r["uri"] for r in expand_input("memory://read_test/x/*.jpg")]
+    assert all(u.startswith("memory://") for u in uris)
+    assert [fetch_bytes(u) for u in uris] == [b"1", b"2"]
+
+
+def test_a_glob_that_matches_nothing_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no files match"):
+        list(match_files(str(tmp_path / "*.jpg")))
+
+
+def test_read_records_transform_yields_the_manifest_records(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        ids = p | ReadRecords(str(path)) | beam.Map(lambda r: (r["id"], r["uri"]))
+        assert_that(ids, equal_to([("1", f"{tmp_path}/a.jpg"), ("2", "/abs/b.jpg")]))

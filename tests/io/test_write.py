@@ -1,0 +1,34 @@
+import glob
+
+import apache_beam as beam
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.test_pipeline import TestPipeline
+
+from beam_infer import InProcessDirectRunner, WriteDeadLetters, WritePredictions
+from beam_infer.io.write import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_predictions_are_written_with_the_explicit_schema_and_extra_fields_dropped(tmp_path):
+    rows = [{"id": "a", "uri": "/a.jpg", "model": "m", "top_labels": ["x", "y"], "top_scores": [0.9, 0.1],
+             "value": 3.0},  # extra field, not in the schema
+            {"id": "b", "uri": "/b.jpg", "model": "m", "label": "x", "top_labels": ["x"], "top_scores": [1.0]}]
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        p | beam.Create(rows) | WritePredictions(str(tmp_path))
+    files = glob.glob(str(tmp_path / "predictions-*-of-*.parquet"))
+    assert files
+    table = pq.read_table(files)
+    assert table.schema == PREDICTIONS_SCHEMA
+    assert sorted(table.to_pylist(), key=lambda r: r["id"])[0] == {
+        "id": "a", "uri": "/a.jpg", "model": "m", "label": None, "top_labels": ["x", "y"],
+        "top_scores": [pytest.approx(0.9), pytest.approx(0.1)]}
+
+
+def test_no_dead_letters_still_writes_an_empty_file_with_the_schema(tmp_path):
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        p | beam.Create([]) | WriteDeadLetters(str(tmp_path))
+    (path,) = glob.glob(str(tmp_path / "dead_letters-*.parquet"))
+    table = pq.read_table(path)
+    assert table.num_rows == 0 and table.schema == DEAD_LETTERS_SCHEMA

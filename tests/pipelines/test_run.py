@@ -1,0 +1,72 @@
+import glob
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from beam_infer.runners import InProcessDirectRunner, resolve_runner
+from pipelines import run
+from tests.conftest import engine_threads, write_bad_files
+
+pytestmark = pytest.mark.timeout(300)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_rows(output, name):
+    return pq.read_table(glob.glob(os.path.join(output, f"{name}-*-of-*.parquet"))).to_pylist()
+
+
+def test_python_m_pipelines_run_writes_predictions_for_the_builtin_sample(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--output", str(out), "--sample-size", "40"],
+                          cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "40 records (40 predictions, 0 dead letters)" in proc.stdout
+    assert "top-1 accuracy" in proc.stdout
+    rows = read_rows(str(out), "predictions")
+    assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
+    assert all(r["model"] == "shapes_net" and len(r["top_labels"]) == 3 for r in rows)
+    assert sum(r["top_labels"][0] == r["label"] for r in rows) >= 38
+    assert read_rows(str(out), "dead_letters") == []
+
+
+def test_glob_input_with_bad_files_gives_dead_letters_and_predictions_for_the_rest(sample_dir, tmp_path):
+    corrupt, empty = write_bad_files(sample_dir)
+    out = str(tmp_path / "out")
+    summary = run.main(["--input", str(sample_dir / "*.jpg"), "--output", out, "--batch-size", "16"])
+    assert (summary.get("records"), summary.get("predictions"), summary.get("dead_letters")) == (50, 48, 2)
+    dead = {d["uri"]: d for d in read_rows(out, "dead_letters")}
+    assert set(dead) == {corrupt, empty}
+    assert dead[empty]["stage"] == "preprocess" and "0 bytes" in dead[empty]["message"]
+    rows = read_rows(out, "predictions")
+    assert len(rows) == 48 and all(r["id"] == r["uri"] for r in rows)  # no id column: the id is the URI
+    assert engine_threads() == []
+
+
+def test_manifest_input_keeps_ids_and_scores_accuracy(sample_dir, tmp_path):
+    summary = run.main(["--input", str(sample_dir / "manifest.jsonl"), "--output", str(tmp_path / "o")])
+    assert summary.get("labelled") == 48 and summary.get("top1_correct") >= 46
+    assert {r["id"] for r in read_rows(str(tmp_path / "o"), "predictions")} == {f"shape-{i:05d}" for i in range(48)}
+
+
+def test_default_runner_never_tries_prism(monkeypatch, tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability import prism_runner
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the default path started the Prism runner (a network download)")
+
+    monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_network)
+    assert isinstance(resolve_runner(PipelineOptions([])), InProcessDirectRunner)
+    assert isinstance(resolve_runner(PipelineOptions(["--runner=DirectRunner"])), InProcessDirectRunner)
+    assert resolve_runner(PipelineOptions(["--runner=FlinkRunner"])) is None
+    summary = run.main(["--output", str(tmp_path / "o"), "--sample-size", "8"])
+    assert summary.get("predictions") == 8
+
+
+def test_unknown_options_pass_through_to_beam(tmp_path):
+    summary = run.main(["--output", str(tmp_path / "o"), "--sample-size", "16",
+                        "--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    assert summary.get("predictions") == 16

@@ -1,0 +1,178 @@
+import os
+import pickle
+import threading
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import torch
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
+
+from beam_infer import EngineConfig, InProcessDirectRunner, RunGpuInference, shapes_classifier
+from beam_infer.dofn import DEAD_LETTERS, _GpuInferenceDoFn
+from beam_infer.engine.engine import _LIVE_ENGINES
+from beam_infer.io.read import read_manifest
+from beam_infer.models.shapes_net import INPUT_SIZE, load_shapes_net
+from beam_infer.tasks.classify import decode_resize
+from tests.conftest import engine_threads, write_bad_files
+from tests.fakes import number_task, safe, write_numbers
+
+pytestmark = pytest.mark.timeout(180)
+CPU = EngineConfig(device="cpu", batch_size=8)
+
+
+def pipeline(*flags):
+    return TestPipeline(runner=InProcessDirectRunner(), argv=list(flags))
+
+
+def run_bundles(dofn, elements, bundle_size):
+    """Drives a DoFn's lifecycle by hand; returns, per bundle, (inputs, outputs emitted during that bundle)."""
+    dofn.setup()
+    bundles = []
+    for start in range(0, len(elements), bundle_size):
+        chunk = elements[start:start + bundle_size]
+        dofn.start_bundle()
+        out = []
+        for e in chunk:
+            out += list(dofn.process(e, window=window.GlobalWindow(), timestamp=Timestamp(0)))
+        out += list(dofn.finish_bundle() or [])
+        bundles.append((chunk, out))
+    dofn.teardown()
+    return bundles
+
+
+@pytest.mark.parametrize("bundle_size", [1, 3, 8, 25, 1000])
+def test_finish_bundle_drains_every_pending_element_of_its_bundle(bundle_size):
+    records = write_numbers(safe(50))
+    for inputs, outputs in run_bundles(_GpuInferenceDoFn(number_task(), CPU), records, bundle_size):
+        assert all(isinstance(o, WindowedValue) for o in outputs)
+        assert sorted(o.value["id"] for o in outputs) == sorted(r["id"] for r in inputs)
+
+
+def test_several_dofn_threads_feed_one_engine_and_each_bundle_gets_its_own_results():
+    template = _GpuInferenceDoFn(number_task(name="threads"), EngineConfig(device="cpu", batch_size=16))
+    records = write_numbers(safe(240))
+    shards = [records[i::4] for i in range(4)]
+    results, errors = {}, []
+
+    def worker(i):
+        try:
+            results[i] = run_bundles(pickle.loads(pickle.dumps(template)), shards[i], 7)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    _LIVE_ENGINES.clear()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    engines = [e for e in _LIVE_ENGINES if e.task.name == "threads"]
+    assert len(engines) == 1  # one engine for the process, shared through Shared
+    for bundles in results.values():
+        for inputs, outputs in bundles:
+            assert sorted(o.value["id"] for o in outputs) == sorted(r["id"] for r in inputs)
+    assert sum(len(o) for b in results.values() for _, o in b) == 240
+    assert engine_threads() == []
+
+
+def _ids(pcoll):
+    return pcoll | beam.Map(lambda row: row["id"])
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--direct_running_mode=multi_threading", "--direct_num_workers=3"],
+])
+def test_no_record_lost_or_duplicated_through_a_pipeline(sample_dir, flags):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    with pipeline(*flags) as p:
+        out = p | beam.Create(records) | beam.Reshuffle() | RunGpuInference(shapes_classifier(), CPU)
+        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+        assert_that(out.dead_letters, equal_to([]), label="NoDeadLetters")
+
+
+def test_dofn_pickles_and_works_in_each_process_under_multi_processing(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    with pipeline("--direct_running_mode=multi_processing", "--direct_num_workers=2") as p:
+        out = p | beam.Create(records) | beam.Reshuffle() | RunGpuInference(shapes_classifier(), CPU)
+        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+
+
+def test_predictions_equal_a_plain_torch_loop(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    model = load_shapes_net()
+    expected = {}
+    with torch.inference_mode():
+        for r in records:
+            with open(r["uri"], "rb") as f:
+                x = torch.from_numpy(decode_resize(f.read(), INPUT_SIZE).copy())[None]
+            probs = model(x).softmax(-1)[0]
+            scores, idx = probs.topk(3)
+            expected[r["id"]] = (idx.tolist(), scores.numpy())
+
+    from beam_infer.sample import SHAPE_CLASSES
+
+    def check(rows):
+        assert len(rows) == len(expected)
+        for row in rows:
+            idx, scores = expected[row["id"]]
+            assert row["top_labels"] == [SHAPE_CLASSES[i] for i in idx]
+            np.testing.assert_allclose(row["top_scores"], scores, rtol=1e-4, atol=1e-5)
+
+    with pipeline() as p:
+        out = p | beam.Create(records) | RunGpuInference(shapes_classifier(), CPU)
+        assert_that(out.predictions, check)
+
+
+class _WindowAndTime(beam.DoFn):
+    def process(self, row, w=beam.DoFn.WindowParam, ts=beam.DoFn.TimestampParam):
+        yield row["id"], (w.start.micros, w.end.micros), ts.micros
+
+
+def test_outputs_keep_their_inputs_window_and_timestamp():
+    records = write_numbers(safe(12))
+    with pipeline() as p:
+        stamped = (p | beam.Create(records)
+                   | beam.Map(lambda r: window.TimestampedValue(r, int(r["id"][1:]) * 5))
+                   | beam.WindowInto(window.FixedWindows(20)))
+        out = stamped | RunGpuInference(number_task(), CPU)
+        expected = [(f"n{i}", ((i * 5 // 20) * 20_000_000, (i * 5 // 20 + 1) * 20_000_000), i * 5_000_000)
+                    for i in range(12)]
+        assert_that(out.predictions | beam.ParDo(_WindowAndTime()), equal_to(expected))
+
+
+def test_corrupt_and_zero_byte_files_go_to_dead_letters_and_the_job_completes(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    corrupt, empty = write_bad_files(sample_dir)
+    bad = [{"id": "corrupt", "uri": corrupt}, {"id": "empty", "uri": empty}]
+    with pipeline() as p:
+        out = p | beam.Create(records + bad) | beam.Reshuffle() | RunGpuInference(shapes_classifier(), CPU)
+        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+        assert_that(out.dead_letters | beam.Map(lambda d: (d["id"], d["uri"], d["stage"], d["error_type"])),
+                    equal_to([("corrupt", corrupt, "preprocess", "OSError"),
+                              ("empty", empty, "preprocess", "ValueError")]), label="DeadLetters")
+
+
+def test_a_record_without_uri_is_a_dead_letter_not_a_crash():
+    with pipeline() as p:
+        out = p | beam.Create([{"id": "x"}, "just a string"]) | RunGpuInference(number_task(), CPU)
+        assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: (d["id"], d["stage"])),
+                    equal_to([("x", "input"), ("'just a string'", "input")]))
+
+
+def test_no_engine_thread_is_left_running_after_the_pipeline_ends(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    with pipeline() as p:
+        p | beam.Create(records) | RunGpuInference(shapes_classifier(), CPU)
+    assert engine_threads() == []
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tokenizers():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,72 @@
+"""GPU-only behaviour: run on a machine with CUDA (`python -m pytest -m gpu`)."""
+
+import numpy as np
+import pytest
+import torch
+
+from beam_infer import EngineConfig, shapes_classifier
+from beam_infer.engine import Engine
+from beam_infer.io.read import read_manifest
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(300)]
+
+
+def _predict(engine, records):
+    bundle = engine.open_bundle()
+    for r in records:
+        bundle.submit(r)
+    return {r.record["id"]: r for r in bundle.drain()}
+
+
+def test_cuda_bf16_results_match_cpu_results_within_bf16_tolerance(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    cpu = Engine(shapes_classifier(), EngineConfig(device="cpu", batch_size=16)).retain()
+    gpu = Engine(shapes_classifier(), EngineConfig(device="cuda", dtype="bfloat16", batch_size=16)).retain()
+    a, b = _predict(cpu, records), _predict(gpu, records)
+    cpu.release()
+    gpu.release()
+    assert set(a) == set(b) and all(r.failure is None for r in b.values())
+    agree = sum(a[k].value["top_labels"][0] == b[k].value["top_labels"][0] for k in a)
+    assert agree >= len(a) - 1
+    for k in a:
+        np.testing.assert_allclose(a[k].value["top_scores"][0], b[k].value["top_scores"][0], atol=0.03)
+
+
+class _Heavy(torch.nn.Module):
+    """A forward long enough (a chain of matmuls) that the next batch's copy must overlap it to be hidden."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(1024, 1024) / 32)
+
+    def forward(self, x):
+        h = x.reshape(len(x), -1)[:, :1024].float()
+        for _ in range(40):
+            h = torch.tanh(h @ self.w)
+        return h[:, :4]
+
+
+def test_h2d_of_the_next_batch_overlaps_the_forward_of_the_previous():
+    from beam_infer.task import InferenceTask
+
+    task = InferenceTask("heavy", _Heavy, lambda data, r: np.frombuffer(data, np.uint8).reshape(512, 1024),
+                         lambda outs, r: {"n": float(outs[0][0])})
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    payload = np.random.default_rng(0).integers(0, 255, size=512 * 1024, dtype=np.uint8).tobytes()
+    records = []
+    for i in range(8 * 64):
+        fs.pipe(f"memory://gpu_overlap/{i}.bin", payload)
+        records.append({"id": str(i), "uri": f"memory://gpu_overlap/{i}.bin"})
+    engine = Engine(task, EngineConfig(device="cuda", dtype="float32", batch_size=64, trace_events=True,
+                                       max_batch_wait_s=1.0)).retain()
+    results = _predict(engine, records)
+    engine.release()
+    assert all(r.failure is None for r in results.values())
+    torch.cuda.synchronize()
+    base = engine.trace[0][2]
+    spans = {(n, stage): (base.elapsed_time(s), base.elapsed_time(e)) for n, stage, s, e in engine.trace}
+    overlapped = [k for k in range(7) if (k + 1, "h2d") in spans and (k, "forward") in spans
+                  and spans[(k + 1, "h2d")][0] < spans[(k, "forward")][1]
+                  and spans[(k + 1, "h2d")][1] > spans[(k, "forward")][0]]
+    assert overlapped, f"no H2D overlapped a forward: {sorted(spans.items())}"
