@@ -79,7 +79,8 @@ class _Batch:
     lease: Lease
     device_input: torch.Tensor
     h2d_done: torch.cuda.Event | None
-    outputs: list[tuple[int, int, tuple[torch.Tensor, ...]]] = field(default_factory=list)  # (start, stop, outs)
+    rows: list[int] = field(default_factory=list)  # items that the forward pass produced outputs for
+    outputs: tuple[torch.Tensor, ...] = ()  # one tensor per model output, rows in the order of `rows`
     out_leases: list[Lease] = field(default_factory=list)
     d2h_done: torch.cuda.Event | None = None
 
@@ -146,7 +147,8 @@ class Engine:
         self.streams = Streams(self.device, timing=config.trace_events)
         pin = self.device.type == "cuda"
         self.input_buffers = BufferPool(config.host_buffers, pin=pin)
-        self.output_buffers = BufferPool(config.host_buffers * 4, pin=pin)  # a few output tensors per batch
+        self.output_buffers: BufferPool | None = None  # pinned, sized on the first batch: buffers x outputs
+        self._outputs_per_batch = 0
         self.trace: list[tuple[int, str, torch.cuda.Event, torch.cuda.Event]] = []  # (batch, stage, start, end)
         self._lock = threading.Lock()  # counters shared by the stage threads
         self._lifecycle = threading.Lock()  # start/stop; never held by a stage thread, so _stop can join them
@@ -362,10 +364,14 @@ class Engine:
         t0 = time.perf_counter()
         s.wait(s.compute, batch.h2d_done)
         start = s.record(s.compute) if self.config.trace_events else None
+        chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
+        failures: list[tuple[int, Failure]] = []
         with s.on(s.compute), torch.inference_mode():
             s.keep_for(batch.device_input, s.compute)
-            failures: list[tuple[int, Failure]] = []
-            self._forward_range(batch, 0, len(batch.items), failures)
+            self._forward_range(batch.device_input, 0, len(batch.items), chunks, failures)
+            batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
+            outputs = chunks[0][2] if len(chunks) == 1 else tuple(
+                torch.cat(parts) for parts in zip(*(outs for _, _, outs in chunks), strict=True))
         forward_done = s.record(s.compute)
         if start is not None:
             self.trace.append((batch.number, "forward", start, forward_done))
@@ -373,34 +379,37 @@ class Engine:
         t1 = time.perf_counter()
         for index, failure in failures:
             self._finish(batch.items[index], failure=failure)
-        if s.cuda:
+        if s.cuda and outputs:
+            if self.output_buffers is None or self._outputs_per_batch < len(outputs):
+                self._outputs_per_batch = len(outputs)
+                self.output_buffers = BufferPool(self.config.host_buffers * len(outputs), pin=True)
             with s.on(s.d2h):
                 s.wait(s.d2h, forward_done)
-                host_outputs = []
-                for start_i, stop_i, outs in batch.outputs:
-                    copies = []
-                    for out in outs:
-                        s.keep_for(out, s.d2h)
-                        lease = self.output_buffers.acquire(out.shape, out.dtype)
-                        lease.tensor.copy_(out, non_blocking=True)
-                        batch.out_leases.append(lease)
-                        copies.append(lease.tensor)
-                    host_outputs.append((start_i, stop_i, tuple(copies)))
-                batch.outputs = host_outputs
+                copies = []
+                for out in outputs:
+                    s.keep_for(out, s.d2h)
+                    lease = self.output_buffers.acquire(out.shape, out.dtype)
+                    lease.tensor.copy_(out, non_blocking=True)
+                    batch.out_leases.append(lease)
+                    copies.append(lease.tensor)
+                outputs = tuple(copies)
             batch.d2h_done = s.record(s.d2h)
+        batch.outputs = outputs
         _share(batch.items, "forward", t1 - t0)
         self._to_unload.put(batch)
 
-    def _forward_range(self, batch: _Batch, start: int, stop: int, failures: list[tuple[int, Failure]]) -> None:
-        """Forward on items [start, stop); on an error, bisects to the failing records (halving on CUDA OOM)."""
+    def _forward_range(self, x: torch.Tensor, start: int, stop: int,
+                       chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]],
+                       failures: list[tuple[int, Failure]]) -> None:
+        """Forward on rows [start, stop); on an error, bisects to the failing records (halving on CUDA OOM)."""
         try:
-            outs = self.model(batch.device_input[start:stop])
+            outs = self.model(x[start:stop])
             outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
             for out in outs:
                 if not isinstance(out, torch.Tensor) or out.shape[:1] != (stop - start,):
                     raise ValueError(f"the model must return tensors with the batch ({stop - start}) as their "
                                      f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
-            batch.outputs.append((start, stop, outs))
+            chunks.append((start, stop, outs))
         except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
@@ -408,26 +417,24 @@ class Engine:
                 failures.append((start, Failure.of("forward", e)))
                 return
             mid = (start + stop) // 2
-            self._forward_range(batch, start, mid, failures)
-            self._forward_range(batch, mid, stop, failures)
+            self._forward_range(x, start, mid, chunks, failures)
+            self._forward_range(x, mid, stop, chunks, failures)
 
     def _unload(self, batch: _Batch) -> None:
         """Waits for the D2H copy, hands each record's output rows to the postprocess pool."""
         t0 = time.perf_counter()
         self.streams.synchronize(batch.d2h_done)
-        chunks = [(a, b, tuple(out.float().numpy() if out.dtype in (torch.bfloat16, torch.float16)
-                               else out.numpy().copy() for out in outs))
-                  for a, b, outs in batch.outputs]
+        arrays = [out.float().numpy() if out.dtype in (torch.bfloat16, torch.float16) else out.numpy().copy()
+                  for out in batch.outputs]
         for lease in batch.out_leases:
             lease.release()
         _share(batch.items, "d2h", time.perf_counter() - t0)
-        for a, b, arrays in chunks:
-            items = batch.items[a:b]
-            for item in items:
-                item.result.batch_size = len(batch.items)
-            step = max(1, -(-len(items) // self.config.postprocess_threads))
-            for lo in range(0, len(items), step):
-                self._post_pool.submit(self._postprocess, items[lo:lo + step], [x[lo:lo + step] for x in arrays])
+        items = [batch.items[i] for i in batch.rows]
+        for item in items:
+            item.result.batch_size = len(batch.items)
+        step = max(1, -(-len(items) // self.config.postprocess_threads))
+        for lo in range(0, len(items), step):
+            self._post_pool.submit(self._postprocess, items[lo:lo + step], [x[lo:lo + step] for x in arrays])
 
     def _postprocess(self, items: list[_Item], arrays: list[np.ndarray]) -> None:
         for row, item in enumerate(items):

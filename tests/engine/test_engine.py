@@ -1,6 +1,7 @@
 import threading
 
 import pytest
+import torch
 
 from beam_infer.config import EngineConfig
 from beam_infer.engine import Engine, EngineError
@@ -107,11 +108,7 @@ def test_submit_blocks_when_the_engine_is_full():
 
 
 def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it():
-    class Broken(Doubler):
-        def forward(self, x):
-            return "not a tensor"
-
-    engine = make_engine(Broken(), batch_size=2)
+    engine = make_engine(batch_size=2)
     engine._forward_range = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
     bundle = engine.open_bundle()
     for r in write_numbers([1, 2]):
@@ -142,3 +139,32 @@ def test_the_last_release_with_records_still_in_flight_stops_without_deadlock():
         bundle.submit(r)
     engine.release()  # no drain: stage threads are mid-work and must still be joinable
     assert not engine.running and engine_threads() == []
+
+
+class _OutOfMemoryAbove2(Doubler):
+    def forward(self, x):
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(x)
+
+
+def test_out_of_memory_halves_the_batch_and_every_record_still_succeeds():
+    model = _OutOfMemoryAbove2()
+    engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
+    out = run_all(engine, write_numbers(safe(8)))
+    engine.release()
+    assert all(r.failure is None and r.value["doubled"] == 2 * r.record["value"] for r in out)
+    assert model.batch_sizes == [2, 2, 2, 2]
+
+
+class _WrongBatchDim(Doubler):
+    def forward(self, x):
+        return x[:0]
+
+
+def test_a_model_output_without_the_batch_dimension_fails_its_records_in_forward():
+    engine = make_engine(_WrongBatchDim(), batch_size=4, max_batch_wait_s=10.0)
+    out = run_all(engine, write_numbers(safe(4)))
+    engine.release()
+    assert [r.failure.stage for r in out] == ["forward"] * 4
+    assert "first dimension" in out[0].failure.message
