@@ -38,13 +38,6 @@ def dead_letter_row(record: Any, stage: str, error_type: str, message: str) -> d
             "stage": stage, "error_type": error_type, "message": message}
 
 
-class _EngineUser:
-    """What `Shared` hands out: one engine, built on first acquire in the process."""
-
-    def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
-        self.engine = Engine(task, config)
-
-
 class _GpuInferenceDoFn(beam.DoFn):
     def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
         self._task = task
@@ -52,10 +45,9 @@ class _GpuInferenceDoFn(beam.DoFn):
         self._shared = Shared()  # one engine per worker process, whatever the number of DoFn instances
 
     def setup(self) -> None:
-        holder = self._shared.acquire(lambda: _EngineUser(self._task, self._config),
-                                      tag=(self._task.name, self._config))
-        self._holder = holder  # keeps the engine alive as long as this DoFn instance lives
-        self._engine = holder.engine.retain()
+        # Built by the first DoFn instance of the process; this reference keeps it alive while the DoFn lives.
+        self._engine = self._shared.acquire(lambda: Engine(self._task, self._config),
+                                            tag=(self._task.name, self._config)).retain()
 
     def start_bundle(self) -> None:
         self._bundle = self._engine.open_bundle()
