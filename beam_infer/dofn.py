@@ -110,7 +110,7 @@ class RunGpuInference(beam.PTransform):
 
     Example:
         results = records | RunGpuInference(shapes_classifier(), EngineConfig(batch_size=128))
-        results.predictions | WritePredictions(out)
+        results.predictions | WritePredictions(out, task.output_schema)
         results.dead_letters | WriteDeadLetters(out)
     """
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from torch import nn
 
 Record = Mapping[str, Any]
@@ -24,9 +25,12 @@ class InferenceTask:
         preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool.
         postprocess: (tuple of per-record output rows as numpy, record) -> dict of output fields; runs in the
             postprocess thread pool.
+        output_schema: the columns a prediction row has beyond id, uri and model (postprocess fields, and any
+            record field worth keeping, such as a known label); `WritePredictions` writes exactly these.
     """
 
     name: str
     load_model: Callable[[], nn.Module]
     preprocess: Callable[[bytes, Record], np.ndarray]
     postprocess: Callable[[tuple[np.ndarray, ...], Record], dict[str, Any]]
+    output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))

@@ -1,4 +1,4 @@
-"""The classify job: read records → spread → GPU-resident inference → Parquet predictions and dead letters.
+"""The inference job (classification by default): read records → spread → GPU-resident inference → Parquet.
 
     python -m pipelines.run                      # built-in sample, DirectRunner, no network, CPU or GPU
     python -m pipelines.run --input 'gs://bucket/images/*.jpg' --output gs://bucket/out \
@@ -23,7 +23,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_infer import EngineConfig, ReadRecords, RunGpuInference, WriteDeadLetters, WritePredictions, resolve_task
+from beam_infer import (
+    EngineConfig,
+    InferenceTask,
+    ReadRecords,
+    RunGpuInference,
+    WriteDeadLetters,
+    WritePredictions,
+    resolve_task,
+)
 from beam_infer.dofn import METRICS_NAMESPACE
 from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL
@@ -90,6 +98,21 @@ def query_counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]
     return counters
 
 
+def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: EngineConfig,
+            output: str) -> Summary:
+    """Runs the job over `source` and waits for it: the data flow, top to bottom."""
+    start = time.perf_counter()
+    pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
+    records = pipeline | "Read" >> ReadRecords(source) | "Spread" >> beam.Reshuffle()
+    results = records | "Infer" >> RunGpuInference(task, config)
+    results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema)
+    results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output)
+    results.predictions | "ScoreTop1" >> beam.ParDo(_ScoreTop1())
+    result = pipeline.run()
+    result.wait_until_finish()
+    return Summary(query_counters(result), time.perf_counter() - start)
+
+
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     args, beam_args = parse_args(argv)
@@ -101,22 +124,11 @@ def main(argv: Sequence[str] | None = None) -> Summary:
     if source is None:
         sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_")
         source = write_sample(sample_dir, args.sample_size)
-
     try:
-        start = time.perf_counter()
-        pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
-        records = pipeline | "Read" >> ReadRecords(source) | "Spread" >> beam.Reshuffle()
-        results = records | "Classify" >> RunGpuInference(task, config)
-        results.predictions | "WritePredictions" >> WritePredictions(args.output)
-        results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(args.output)
-        results.predictions | "ScoreTop1" >> beam.ParDo(_ScoreTop1())
-        result = pipeline.run()
-        result.wait_until_finish()
-        summary = Summary(query_counters(result), time.perf_counter() - start)
+        summary = run_job(options, source, task, config, args.output)
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)
-
     print(summary.render(options.view_as(StandardOptions).runner, task.name, config, args.output))
     return summary
 

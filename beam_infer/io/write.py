@@ -7,14 +7,7 @@ from typing import Any
 import apache_beam as beam
 import pyarrow as pa
 
-PREDICTIONS_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("uri", pa.string()),
-    ("model", pa.string()),
-    ("label", pa.string()),  # the known label when the input had one, else null
-    ("top_labels", pa.list_(pa.string())),
-    ("top_scores", pa.list_(pa.float32())),
-])
+RECORD_FIELDS = pa.schema([("id", pa.string()), ("uri", pa.string()), ("model", pa.string())])
 
 DEAD_LETTERS_SCHEMA = pa.schema([
     ("id", pa.string()),
@@ -49,11 +42,16 @@ class WriteParquet(beam.PTransform):
                                                     num_shards=self._num_shards))
 
 
-class WritePredictions(WriteParquet):
-    """Predictions as `<directory>/predictions-*.parquet` (id, uri, model, label, top_labels, top_scores)."""
+def predictions_schema(output_schema: pa.Schema) -> pa.Schema:
+    """A prediction row's schema: id, uri and model, then the task's own columns."""
+    return pa.schema([*RECORD_FIELDS, *output_schema])
 
-    def __init__(self, directory: str, schema: pa.Schema = PREDICTIONS_SCHEMA, num_shards: int = 0) -> None:
-        super().__init__(directory, "predictions", schema, num_shards)
+
+class WritePredictions(WriteParquet):
+    """Predictions as `<directory>/predictions-*.parquet`: id, uri, model and the task's `output_schema`."""
+
+    def __init__(self, directory: str, output_schema: pa.Schema, num_shards: int = 0) -> None:
+        super().__init__(directory, "predictions", predictions_schema(output_schema), num_shards)
 
 
 class WriteDeadLetters(WriteParquet):

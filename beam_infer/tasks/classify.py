@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 from torch import nn
@@ -26,6 +27,13 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is large enough
         rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+CLASSIFICATION_SCHEMA = pa.schema([
+    ("label", pa.string()),  # the record's known label when the input had one, else null
+    ("top_labels", pa.list_(pa.string())),
+    ("top_scores", pa.list_(pa.float32())),
+])
 
 
 class TopK(nn.Module):
@@ -88,6 +96,7 @@ def image_classifier(
         load_model=_LoadTopK(load_model, top_k),
         preprocess=_Preprocess(image_size),
         postprocess=_Postprocess(labels),
+        output_schema=CLASSIFICATION_SCHEMA,
     )
 
 

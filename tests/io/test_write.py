@@ -6,7 +6,8 @@ import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from beam_infer import InProcessDirectRunner, WriteDeadLetters, WritePredictions
-from beam_infer.io.write import DEAD_LETTERS_SCHEMA, PREDICTIONS_SCHEMA
+from beam_infer.io.write import DEAD_LETTERS_SCHEMA, predictions_schema
+from beam_infer.tasks.classify import CLASSIFICATION_SCHEMA
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -16,11 +17,12 @@ def test_predictions_are_written_with_the_explicit_schema_and_extra_fields_dropp
              "value": 3.0},  # extra field, not in the schema
             {"id": "b", "uri": "/b.jpg", "model": "m", "label": "x", "top_labels": ["x"], "top_scores": [1.0]}]
     with TestPipeline(runner=InProcessDirectRunner()) as p:
-        p | beam.Create(rows) | WritePredictions(str(tmp_path))
+        p | beam.Create(rows) | WritePredictions(str(tmp_path), CLASSIFICATION_SCHEMA)
     files = glob.glob(str(tmp_path / "predictions-*-of-*.parquet"))
     assert files
     table = pq.read_table(files)
-    assert table.schema == PREDICTIONS_SCHEMA
+    assert table.schema == predictions_schema(CLASSIFICATION_SCHEMA)
+    assert table.schema.names == ["id", "uri", "model", "label", "top_labels", "top_scores"]
     assert sorted(table.to_pylist(), key=lambda r: r["id"])[0] == {
         "id": "a", "uri": "/a.jpg", "model": "m", "label": None, "top_labels": ["x", "y"],
         "top_scores": [pytest.approx(0.9), pytest.approx(0.1)]}
