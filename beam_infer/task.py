@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from torch import nn
 
 Record = Mapping[str, Any]
@@ -25,6 +26,10 @@ class InferenceTask:
         preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool.
         postprocess: (tuple of per-record output rows as numpy, record) -> dict of output fields; runs in the
             postprocess thread pool.
+        device_preprocess: optional (list of CPU uint8 tensors, device) -> the model's input batch on the device.
+            When set, `preprocess` may return 1-D uint8 arrays of any length (the encoded image, say), and the
+            batch thread hands them over as a list instead of stacking them: decoding moves to the device (for
+            example nvJPEG). It runs on the H2D stream; an error is bisected down to the records that cause it.
         output_schema: the columns a prediction row has beyond id, uri and model (postprocess fields, and any
             record field worth keeping, such as a known label); `WritePredictions` writes exactly these.
     """
@@ -34,3 +39,4 @@ class InferenceTask:
     preprocess: Callable[[bytes, Record], np.ndarray]
     postprocess: Callable[[tuple[np.ndarray, ...], Record], dict[str, Any]]
     output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    device_preprocess: Callable[[list[torch.Tensor], torch.device], torch.Tensor] | None = None

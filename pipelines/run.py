@@ -37,6 +37,7 @@ from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
+from beam_infer.tasks.classify import DECODE_PLACES
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -49,6 +50,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
+                        help="decode images on the CPU (PIL, any format) or on the device (nvJPEG on CUDA, JPEG only)")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
     parser.add_argument("--runner", default="DirectRunner")
     return parser.parse_known_args(argv)
@@ -118,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
     args, beam_args = parse_args(argv)
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    task = resolve_task(args.model, args.top_k)
+    task = resolve_task(args.model, args.top_k, args.decode)
     sample_dir = None
     source = args.input
     if source is None:

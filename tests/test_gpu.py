@@ -70,3 +70,15 @@ def test_h2d_of_the_next_batch_overlaps_the_forward_of_the_previous():
                   and spans[(k + 1, "h2d")][0] < spans[(k, "forward")][1]
                   and spans[(k + 1, "h2d")][1] > spans[(k, "forward")][0]]
     assert overlapped, f"no H2D overlapped a forward: {sorted(spans.items())}"
+
+
+def test_nvjpeg_decode_on_cuda_classifies_like_pil_decode_on_cpu(sample_dir):
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    cpu = Engine(shapes_classifier(), EngineConfig(device="cpu", batch_size=16)).retain()
+    gpu = Engine(shapes_classifier(decode="device"), EngineConfig(device="cuda", batch_size=16)).retain()
+    a, b = _predict(cpu, records), _predict(gpu, records)
+    cpu.release()
+    gpu.release()
+    assert all(r.failure is None for r in b.values()), [r.failure for r in b.values() if r.failure]
+    agree = sum(a[k].value["top_labels"][0] == b[k].value["top_labels"][0] for k in a)
+    assert agree >= len(a) - 2

@@ -1,7 +1,7 @@
 """The engine: one per worker process per (task, device, dtype), shared by every DoFn thread of the process.
 
-    submit ─► fetch pool ─► decode pool ─► ready ─► [batch] collate → H2D ─► [forward] forward → D2H
-           ─► [unload] sync → postprocess pool ─► the record's bundle
+    submit ─► fetch pool ─► decode pool ─► ready ─► [batch] collate → H2D (or device preprocess)
+           ─► [forward] forward → D2H ─► [unload] sync → postprocess pool ─► the record's bundle
 
 Every record comes back exactly once to the bundle that submitted it, as a Result: a value, or a failure
 naming the stage. See README.md in this folder for the life of a batch.
@@ -37,7 +37,7 @@ _HEALTH_CHECK_S = 1.0  # how often a blocked caller looks whether the engine has
 _STOP = object()  # sent down the stage queues to end the threads
 _WAKE = object()  # makes the batch thread look again at a draining bundle
 
-STAGES = ("fetch", "preprocess", "collate", "h2d", "forward", "d2h", "postprocess")
+STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class _Item:
 class _Batch:
     number: int
     items: list[_Item]
-    lease: Lease
+    lease: Lease | None  # the pinned input buffer; None when the task preprocesses on the device
     device_input: torch.Tensor
     h2d_done: torch.cuda.Event | None
     rows: list[int] = field(default_factory=list)  # items that the forward pass produced outputs for
@@ -328,9 +328,27 @@ class Engine:
             return self._draining > 0 and self._upstream == 0 and self._ready.empty()
 
     def _launch(self, items: list[_Item] | None) -> None:
-        """Collates a batch into a host buffer and starts its copy to the device."""
+        """Moves a batch to the device (collate + H2D copy, or the task's device preprocess), then queues it."""
         if not items:
             return
+        number = self._batches
+        self._batches += 1
+        s = self.streams
+        start = s.record(s.h2d) if self.config.trace_events else None
+        if self.task.device_preprocess is None:
+            good, lease, device_input = self._collate_and_copy(items)
+            stage = "h2d"
+        else:
+            good, lease, device_input = self._preprocess_on_device(items)
+            stage = "device_preprocess"
+        h2d_done = s.record(s.h2d)
+        if start is not None:
+            self.trace.append((number, stage, start, h2d_done))
+        if good:
+            self._to_forward.put(_Batch(number, good, lease, device_input, h2d_done))
+
+    def _collate_and_copy(self, items: list[_Item]) -> tuple[list[_Item], Lease, torch.Tensor]:
+        """Stacks the arrays into a pinned host buffer and starts its copy on the H2D stream."""
         t0 = time.perf_counter()
         shape, dtype = items[0].array.shape, items[0].array.dtype
         good = []
@@ -345,18 +363,27 @@ class Engine:
         lease = self.input_buffers.acquire((len(good), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
         np.stack([item.array for item in good], out=lease.tensor.numpy())
         t1 = time.perf_counter()
-        number = self._batches
-        self._batches += 1
-        start = self.streams.record(self.streams.h2d) if self.config.trace_events else None
         with self.streams.on(self.streams.h2d):
             device_input = lease.tensor.to(self.device, non_blocking=True)
-        h2d_done = self.streams.record(self.streams.h2d)
-        if start is not None:
-            self.trace.append((number, "h2d", start, h2d_done))
-        t2 = time.perf_counter()
         _share(good, "collate", t1 - t0)
-        _share(good, "h2d", t2 - t1)
-        self._to_forward.put(_Batch(number, good, lease, device_input, h2d_done))
+        _share(good, "h2d", time.perf_counter() - t1)
+        return good, lease, device_input
+
+    def _preprocess_on_device(self, items: list[_Item]) -> tuple[list[_Item], None, torch.Tensor | None]:
+        """Hands the batch's arrays, as CPU tensors, to the task's device preprocess on the H2D stream."""
+        t0 = time.perf_counter()
+        preprocess = self.task.device_preprocess
+        chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
+        failures: list[tuple[int, Failure]] = []
+        with self.streams.on(self.streams.h2d):
+            self._bisect(lambda xs: (preprocess(xs, self.device),), [torch.from_numpy(item.array) for item in items],
+                         0, len(items), "device_preprocess", chunks, failures)
+        for index, failure in failures:
+            self._finish(items[index], failure=failure)
+        good = [items[i] for a, b, _ in chunks for i in range(a, b)]
+        device_input = _concat(chunks)[0] if chunks else None
+        _share(good, "device_preprocess", time.perf_counter() - t0)
+        return good, None, device_input
 
     def _forward(self, batch: _Batch) -> None:
         """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
@@ -368,14 +395,14 @@ class Engine:
         failures: list[tuple[int, Failure]] = []
         with s.on(s.compute), torch.inference_mode():
             s.keep_for(batch.device_input, s.compute)
-            self._forward_range(batch.device_input, 0, len(batch.items), chunks, failures)
+            self._bisect(self.model, batch.device_input, 0, len(batch.items), "forward", chunks, failures)
             batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
-            outputs = chunks[0][2] if len(chunks) == 1 else tuple(
-                torch.cat(parts) for parts in zip(*(outs for _, _, outs in chunks), strict=True))
+            outputs = _concat(chunks)
         forward_done = s.record(s.compute)
         if start is not None:
             self.trace.append((batch.number, "forward", start, forward_done))
-        batch.lease.release(fence=batch.h2d_done)  # on CPU the forward above already read it
+        if batch.lease is not None:
+            batch.lease.release(fence=batch.h2d_done)  # on CPU the forward above already read it
         t1 = time.perf_counter()
         for index, failure in failures:
             self._finish(batch.items[index], failure=failure)
@@ -398,27 +425,27 @@ class Engine:
         _share(batch.items, "forward", t1 - t0)
         self._to_unload.put(batch)
 
-    def _forward_range(self, x: torch.Tensor, start: int, stop: int,
-                       chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]],
-                       failures: list[tuple[int, Failure]]) -> None:
-        """Forward on rows [start, stop); on an error, bisects to the failing records (halving on CUDA OOM)."""
+    def _bisect(self, fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
+                chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]], failures: list[tuple[int, Failure]]) -> None:
+        """Runs `fn` on rows [start, stop) of `x` (a batch tensor or a list); on an error, bisects down to the
+        records that cause it, so the others go on (halving is also the answer to a CUDA out-of-memory)."""
         try:
-            outs = self.model(x[start:stop])
+            outs = fn(x[start:stop])
             outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
             for out in outs:
                 if not isinstance(out, torch.Tensor) or out.shape[:1] != (stop - start,):
-                    raise ValueError(f"the model must return tensors with the batch ({stop - start}) as their "
+                    raise ValueError(f"{stage} must return tensors with the batch ({stop - start}) as their "
                                      f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
             chunks.append((start, stop, outs))
         except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             if stop - start == 1:
-                failures.append((start, Failure.of("forward", e)))
+                failures.append((start, Failure.of(stage, e)))
                 return
             mid = (start + stop) // 2
-            self._forward_range(x, start, mid, chunks, failures)
-            self._forward_range(x, mid, stop, chunks, failures)
+            self._bisect(fn, x, start, mid, stage, chunks, failures)
+            self._bisect(fn, x, mid, stop, stage, chunks, failures)
 
     def _unload(self, batch: _Batch) -> None:
         """Waits for the D2H copy, hands each record's output rows to the postprocess pool."""
@@ -446,6 +473,13 @@ class Engine:
                 continue
             item.result.stage_s["postprocess"] = time.perf_counter() - t0
             self._finish(item, value=value)
+
+
+def _concat(chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
+    """Joins the outputs of consecutive row ranges back into one tensor per output."""
+    if len(chunks) == 1:
+        return chunks[0][2]
+    return tuple(torch.cat(parts) for parts in zip(*(outs for _, _, outs in chunks), strict=True))
 
 
 def _share(items: list[_Item], stage: str, seconds: float) -> None:

@@ -38,13 +38,14 @@ class _TorchvisionModel:
         return UInt8ImageInput(torchvision.models.get_model(self.name, weights=None))
 
 
-def resolve_task(spec: str = DEFAULT_MODEL, top_k: int = 3) -> InferenceTask:
+def resolve_task(spec: str = DEFAULT_MODEL, top_k: int = 3, decode: str = "cpu") -> InferenceTask:
     """The task a model name stands for.
 
     Args:
         spec: "shapes_net" (shipped, trained); "torchvision:<name>" (architecture with random weights, 224²
             input, for benchmarks); or "<module>:<function>" returning an InferenceTask.
         top_k: labels kept per prediction (classifiers).
+        decode: where classifiers decode images: "cpu" (PIL) or "device" (nvJPEG on CUDA; JPEG only).
 
     Raises:
         ValueError: the name is not one of the forms above.
@@ -52,11 +53,11 @@ def resolve_task(spec: str = DEFAULT_MODEL, top_k: int = 3) -> InferenceTask:
     from beam_infer.tasks.classify import image_classifier, shapes_classifier
 
     if spec == "shapes_net":
-        return shapes_classifier(top_k)
+        return shapes_classifier(top_k, decode)
     prefix, _, name = spec.partition(":")
     if prefix == "torchvision" and name:
         return image_classifier(f"torchvision:{name}", _TorchvisionModel(name),
-                                [f"class_{i}" for i in range(1000)], image_size=224, top_k=top_k)
+                                [f"class_{i}" for i in range(1000)], image_size=224, top_k=top_k, decode=decode)
     if prefix and name:
         task = getattr(importlib.import_module(prefix), name)()
         if not isinstance(task, InferenceTask):

@@ -1,18 +1,28 @@
-"""Image classification: decode and resize on the CPU, top-k on the device, labels in postprocess."""
+"""Image classification: decode and resize on the CPU (PIL) or on the device (nvJPEG), top-k on the device,
+labels in postprocess."""
 
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from beam_infer.task import InferenceTask
+
+DECODE_PLACES = ("cpu", "device")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec, and warns on every call; nvJPEG through
+# torchvision.io.decode_jpeg is still what this project measures (../shared/design.md).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=UserWarning)
 
 
 def decode_resize(data: bytes, size: int) -> np.ndarray:
@@ -36,6 +46,34 @@ CLASSIFICATION_SCHEMA = pa.schema([
 ])
 
 
+def encoded_jpeg(data: bytes) -> np.ndarray:
+    """The bytes of a JPEG file as a 1-D uint8 array, for decoding on the device.
+
+    Raises:
+        ValueError: the bytes are empty or not a JPEG.
+    """
+    if not data:
+        raise ValueError("empty image file (0 bytes)")
+    if not data.startswith(_JPEG_MAGIC):
+        raise ValueError(f"not a JPEG file (starts with {data[:4]!r}); decoding on the device reads JPEG only")
+    return np.frombuffer(data, dtype=np.uint8).copy()
+
+
+def decode_resize_batch(encoded: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
+    """Decodes JPEGs (CPU uint8 tensors of their bytes) on `device` — nvJPEG, batched, on CUDA — and resizes them
+    (bilinear, antialiased) into one uint8 NHWC batch of (size, size) on the device."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    if all(image.shape == images[0].shape for image in images):
+        groups = [torch.stack(images)]  # one resize for the batch
+    else:
+        groups = [image.unsqueeze(0) for image in images]
+    resized = torch.cat([F.interpolate(g.float(), size=(size, size), mode="bilinear", antialias=True,
+                                       align_corners=False) for g in groups])
+    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
 class TopK(nn.Module):
     """Wraps a classifier so the device returns only (top-k probabilities, top-k class indices)."""
 
@@ -56,6 +94,19 @@ class _Preprocess:
 
     def __call__(self, data: bytes, record: Mapping[str, Any]) -> np.ndarray:
         return decode_resize(data, self.size)
+
+
+class _EncodedJpeg:
+    def __call__(self, data: bytes, record: Mapping[str, Any]) -> np.ndarray:
+        return encoded_jpeg(data)
+
+
+class _DecodeResizeOnDevice:
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, encoded: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        return decode_resize_batch(encoded, device, self.size)
 
 
 class _Postprocess:
@@ -81,6 +132,7 @@ class _LoadTopK:
 
 def image_classifier(
     name: str, load_model: Callable[[], nn.Module], labels: Sequence[str], *, image_size: int, top_k: int = 3,
+    decode: str = "cpu",
 ) -> InferenceTask:
     """Builds the task for an image classifier that takes uint8 NHWC batches.
 
@@ -90,19 +142,29 @@ def image_classifier(
         labels: class names, indexed by the model's output.
         image_size: the side every image is resized to.
         top_k: how many labels and scores each prediction keeps.
+        decode: "cpu" (PIL in the decode thread pool; any format PIL reads) or "device" (JPEG only, decoded
+            in batches on the engine's device: nvJPEG on CUDA, so only compressed bytes cross PCIe).
+
+    Raises:
+        ValueError: `decode` is not one of DECODE_PLACES.
     """
+    if decode not in DECODE_PLACES:
+        raise ValueError(f"decode must be one of {DECODE_PLACES}, got {decode!r}")
+    on_device = decode == "device"
     return InferenceTask(
         name=name,
         load_model=_LoadTopK(load_model, top_k),
-        preprocess=_Preprocess(image_size),
+        preprocess=_EncodedJpeg() if on_device else _Preprocess(image_size),
         postprocess=_Postprocess(labels),
         output_schema=CLASSIFICATION_SCHEMA,
+        device_preprocess=_DecodeResizeOnDevice(image_size) if on_device else None,
     )
 
 
-def shapes_classifier(top_k: int = 3) -> InferenceTask:
+def shapes_classifier(top_k: int = 3, decode: str = "cpu") -> InferenceTask:
     """The shipped ShapesNet as a task: the default model of `python -m pipelines.run`."""
     from beam_infer.models.shapes_net import INPUT_SIZE, load_shapes_net
     from beam_infer.sample import SHAPE_CLASSES
 
-    return image_classifier("shapes_net", load_shapes_net, SHAPE_CLASSES, image_size=INPUT_SIZE, top_k=top_k)
+    return image_classifier("shapes_net", load_shapes_net, SHAPE_CLASSES, image_size=INPUT_SIZE, top_k=top_k,
+                            decode=decode)

@@ -109,7 +109,7 @@ def test_submit_blocks_when_the_engine_is_full():
 
 def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it():
     engine = make_engine(batch_size=2)
-    engine._forward_range = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
+    engine._bisect = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
     bundle = engine.open_bundle()
     for r in write_numbers([1, 2]):
         bundle.submit(r)

@@ -6,6 +6,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from beam_infer.io.read import read_manifest
 from beam_infer.runners import InProcessDirectRunner, resolve_runner
 from pipelines import run
 from tests.conftest import engine_threads, write_bad_files
@@ -70,3 +71,17 @@ def test_unknown_options_pass_through_to_beam(tmp_path):
     summary = run.main(["--output", str(tmp_path / "o"), "--sample-size", "16",
                         "--direct_running_mode=multi_threading", "--direct_num_workers=2"])
     assert summary.get("predictions") == 16
+
+
+def test_decode_on_device_bisects_a_corrupt_jpeg_out_of_its_batch_and_predicts_the_rest(sample_dir, tmp_path):
+    corrupt, empty = write_bad_files(sample_dir)
+    out = str(tmp_path / "out")
+    summary = run.main(["--input", str(sample_dir / "*.jpg"), "--output", out, "--batch-size", "16",
+                        "--decode", "device", "--device", "cpu"])
+    assert (summary.get("records"), summary.get("predictions"), summary.get("dead_letters")) == (50, 48, 2)
+    dead = {d["uri"]: d for d in read_rows(out, "dead_letters")}
+    assert dead[corrupt]["stage"] == "device_preprocess" and "truncated" in dead[corrupt]["message"]
+    assert dead[empty]["stage"] == "preprocess"
+    rows = read_rows(out, "predictions")
+    truth = {r["uri"]: r["label"] for r in read_manifest(str(sample_dir / "manifest.jsonl"))}
+    assert sum(r["top_labels"][0] == truth[r["uri"]] for r in rows) >= 46

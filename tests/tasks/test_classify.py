@@ -1,7 +1,9 @@
 import pytest
+import torch
+from torchvision.io import decode_jpeg
 
 from beam_infer.sample import encode, render
-from beam_infer.tasks.classify import decode_resize
+from beam_infer.tasks.classify import decode_resize, decode_resize_batch, encoded_jpeg, shapes_classifier
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -15,3 +17,30 @@ def test_decode_resize_gives_rgb_uint8_of_the_asked_size(fmt):
 def test_empty_bytes_are_a_clear_error():
     with pytest.raises(ValueError, match="0 bytes"):
         decode_resize(b"", 64)
+
+
+def test_device_decode_reads_a_batch_of_jpegs_of_different_sizes_into_one_uint8_nhwc_batch():
+    encoded = [torch.from_numpy(encoded_jpeg(encode(render(7, i)[1]))) for i in range(5)]
+    assert len({tuple(decode_jpeg(e).shape) for e in encoded}) > 1  # the sample's images differ in size
+    batch = decode_resize_batch(encoded, torch.device("cpu"), 64)
+    assert batch.shape == (5, 64, 64, 3) and batch.dtype == torch.uint8
+    for i, e in enumerate(encoded):  # the same image decoded and resized alone
+        assert torch.equal(batch[i], decode_resize_batch([e], torch.device("cpu"), 64)[0])
+
+
+def test_device_decode_agrees_with_pil_decode_within_resize_differences():
+    data = encode(render(7, 3)[1])
+    on_device = decode_resize_batch([torch.from_numpy(encoded_jpeg(data))], torch.device("cpu"), 64)[0]
+    pil = torch.tensor(decode_resize(data, 64))
+    assert (on_device.float() - pil.float()).abs().mean() < 8  # PIL's draft mode and antialias differ a little
+
+
+@pytest.mark.parametrize("data, message", [(b"", "0 bytes"), (b"\x89PNG\r\n", "not a JPEG")])
+def test_device_decode_rejects_empty_and_non_jpeg_bytes_before_the_batch(data, message):
+    with pytest.raises(ValueError, match=message):
+        encoded_jpeg(data)
+
+
+def test_unknown_decode_place_is_a_clear_error():
+    with pytest.raises(ValueError, match="decode must be one of"):
+        shapes_classifier(decode="gpu")
