@@ -18,17 +18,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_infer.config import EngineConfig
 from beam_infer.engine.engine import Engine, Result
-from beam_infer.task import InferenceTask
+from beam_infer.task import InferenceTask, record_id
 
 DEAD_LETTERS = "dead_letters"
 PREDICTIONS = "predictions"
 METRICS_NAMESPACE = "beam_infer"
-
-
-def record_id(record: Mapping[str, Any]) -> str:
-    """A record's id: its "id" field, else its URI."""
-    rid = record.get("id")
-    return str(rid) if rid not in (None, "") else str(record.get("uri", ""))
 
 
 def dead_letter_row(record: Any, stage: str, error_type: str, message: str) -> dict[str, str]:
@@ -52,8 +46,6 @@ class _GpuInferenceDoFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._bundle = self._engine.open_bundle()
         self._counts: Counter[str] = Counter()
-        self._stage_us: Counter[str] = Counter()
-        self._batch_sizes: list[int] = []
 
     def process(self, element: Any, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
@@ -72,10 +64,11 @@ class _GpuInferenceDoFn(beam.DoFn):
         self._bundle = None
         for name, n in self._counts.items():
             Metrics.counter(METRICS_NAMESPACE, name).inc(n)
-        for stage, us in self._stage_us.items():
-            Metrics.counter(METRICS_NAMESPACE, f"busy_us_{stage}").inc(us)
+        busy, batch_sizes = self._engine.take_stats()  # the engine's, since any bundle last took them
+        for stage, seconds in busy.items():
+            Metrics.counter(METRICS_NAMESPACE, f"busy_us_{stage}").inc(int(seconds * 1e6))
         sizes = Metrics.distribution(METRICS_NAMESPACE, "batch_size")
-        for size in self._batch_sizes:
+        for size in batch_sizes:
             sizes.update(size)
 
     def teardown(self) -> None:
@@ -87,8 +80,6 @@ class _GpuInferenceDoFn(beam.DoFn):
     def _emit(self, results: Iterator[Result] | list[Result]) -> Iterator[Any]:
         for r in results:
             window, timestamp = r.context
-            for stage, seconds in r.stage_s.items():
-                self._stage_us[stage] += int(seconds * 1e6)
             if r.failure is not None:
                 self._counts[DEAD_LETTERS] += 1
                 f = r.failure
@@ -96,7 +87,6 @@ class _GpuInferenceDoFn(beam.DoFn):
                     dead_letter_row(r.record, f.stage, f.error_type, f.message), timestamp, [window]))
             else:
                 self._counts[PREDICTIONS] += 1
-                self._batch_sizes.append(r.batch_size)
                 row = {**r.record, "id": record_id(r.record), "model": self._task.name, **r.value}
                 yield WindowedValue(row, timestamp, [window])
 

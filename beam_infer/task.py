@@ -40,3 +40,9 @@ class InferenceTask:
     postprocess: Callable[[tuple[np.ndarray, ...], Record], dict[str, Any]]
     output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     device_preprocess: Callable[[list[torch.Tensor], torch.device], torch.Tensor] | None = None
+
+
+def record_id(record: Record) -> str:
+    """A record's id: its "id" field, else its URI."""
+    rid = record.get("id")
+    return str(rid) if rid not in (None, "") else str(record.get("uri", ""))

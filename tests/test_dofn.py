@@ -6,6 +6,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 import torch
+from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
@@ -13,7 +14,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_infer import EngineConfig, InProcessDirectRunner, RunGpuInference, shapes_classifier
-from beam_infer.dofn import DEAD_LETTERS, _GpuInferenceDoFn
+from beam_infer.dofn import DEAD_LETTERS, METRICS_NAMESPACE, _GpuInferenceDoFn
 from beam_infer.engine.engine import _LIVE_ENGINES
 from beam_infer.io.read import read_manifest
 from beam_infer.models.shapes_net import INPUT_SIZE, load_shapes_net
@@ -164,6 +165,21 @@ def test_a_record_without_uri_is_a_dead_letter_not_a_crash():
         out = p | beam.Create([{"id": "x"}, "just a string"]) | RunGpuInference(number_task(), CPU)
         assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: (d["id"], d["stage"])),
                     equal_to([("x", "input"), ("'just a string'", "input")]))
+
+
+def test_metrics_count_records_batches_and_busy_time_of_every_stage_that_ran():
+    records = write_numbers(safe(40))
+    p = pipeline("--direct_running_mode=multi_threading", "--direct_num_workers=2")
+    p | beam.Create(records) | beam.Reshuffle() | RunGpuInference(number_task(name="metrics"), CPU)
+    result = p.run()
+    result.wait_until_finish()
+    metrics = result.metrics().query(MetricsFilter().with_namespace(METRICS_NAMESPACE))
+    counters = {c.key.metric.name: c.committed for c in metrics["counters"]}
+    (sizes,) = [d.committed for d in metrics["distributions"] if d.key.metric.name == "batch_size"]
+    assert counters["records"] == counters["predictions"] == 40
+    assert sizes.sum == 40 and sizes.max <= CPU.batch_size and sizes.count >= 40 // CPU.batch_size
+    for stage in ("fetch", "preprocess", "collate", "forward", "postprocess"):
+        assert counters.get(f"busy_us_{stage}", 0) > 0, stage
 
 
 def test_no_engine_thread_is_left_running_after_the_pipeline_ends(sample_dir):

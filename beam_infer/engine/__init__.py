@@ -1,5 +1,5 @@
 """The overlapped inference engine: stages, host buffers, CUDA streams. See README.md here."""
 
-from beam_infer.engine.engine import Bundle, Engine, EngineError, Failure, Result
+from beam_infer.engine.engine import Bundle, Engine, EngineError, Failure, Result, as_numpy, load_on_device
 
-__all__ = ["Bundle", "Engine", "EngineError", "Failure", "Result"]
+__all__ = ["Bundle", "Engine", "EngineError", "Failure", "Result", "as_numpy", "load_on_device"]

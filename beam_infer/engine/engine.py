@@ -17,7 +17,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ from beam_infer.config import EngineConfig
 from beam_infer.engine.batcher import Batcher
 from beam_infer.engine.pinned import BufferPool, Lease
 from beam_infer.engine.streams import Streams
+from beam_infer.engine.workers import Workers
 from beam_infer.io.fetch import fetch_bytes
 from beam_infer.task import InferenceTask, Record
 
@@ -61,8 +61,30 @@ class Result:
     context: Any
     value: dict[str, Any] | None = None
     failure: Failure | None = None
-    stage_s: dict[str, float] = field(default_factory=dict)  # host time spent on this record, per stage
-    batch_size: int = 0
+
+
+class _Stats:
+    """Host seconds per stage (summed over threads) and batch sizes, added by the stage threads and taken, as
+    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: dict[str, float] = {}
+        self._batch_sizes: list[int] = []
+
+    def busy(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self._busy[stage] = self._busy.get(stage, 0.0) + seconds
+
+    def batch(self, size: int) -> None:
+        with self._lock:
+            self._batch_sizes.append(size)
+
+    def take(self) -> tuple[dict[str, float], list[int]]:
+        with self._lock:
+            out = self._busy, self._batch_sizes
+            self._busy, self._batch_sizes = {}, []
+        return out
 
 
 @dataclass
@@ -108,11 +130,8 @@ class Bundle:
     def poll(self) -> list[Result]:
         """The records of this bundle finished so far, without waiting."""
         out = []
-        while self.pending:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                break
+        while self.pending and not self._done.empty():
+            out.append(self._done.get())
             self.pending -= 1
         return out
 
@@ -129,6 +148,21 @@ class Bundle:
                 yield result
 
 
+def load_on_device(task: InferenceTask, config: EngineConfig) -> tuple[Callable[..., Any], torch.device,
+                                                                      torch.dtype]:
+    """Builds the task's model and moves it to the config's device, dtype and memory format, compiled if asked.
+
+    Returns:
+        (the model, ready to call on a batch; the device; the dtype)
+    """
+    device = config.torch_device()
+    dtype = config.torch_dtype(device)
+    model = task.load_model().eval().to(device, dtype)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return (torch.compile(model) if config.compile else model), device, dtype
+
+
 class Engine:
     """Loads the task's model once onto the device and runs the overlapped stage pipeline over it.
 
@@ -138,12 +172,7 @@ class Engine:
     def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
         self.task = task
         self.config = config
-        self.device = config.torch_device()
-        self.dtype = config.torch_dtype(self.device)
-        model = task.load_model().eval().to(self.device, self.dtype)
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model: Callable[[torch.Tensor], Any] = torch.compile(model) if config.compile else model
+        self.model, self.device, self.dtype = load_on_device(task, config)
         self.streams = Streams(self.device, timing=config.trace_events)
         pin = self.device.type == "cuda"
         self.input_buffers = BufferPool(config.host_buffers, pin=pin)
@@ -156,6 +185,7 @@ class Engine:
         self._running = False
         self._error: BaseException | None = None
         self._batches = 0
+        self._stats = _Stats()
         _LIVE_ENGINES.add(self)
         _LOG.info("beam_infer engine started: model %s on %s (%s)", task.name, self.device, self.dtype)
 
@@ -190,18 +220,24 @@ class Engine:
     def open_bundle(self) -> Bundle:
         return Bundle(self)
 
+    def take_stats(self) -> tuple[dict[str, float], list[int]]:
+        """Host seconds per stage and the sizes of the batches run since the last call (by any caller)."""
+        return self._stats.take()
+
     def _start(self) -> None:
         c = self.config
         self._error = None
-        self._room = threading.BoundedSemaphore(c.in_flight_limit)
+        self._room: queue.SimpleQueue = queue.SimpleQueue()  # one token per record that may be in flight
+        for _ in range(c.in_flight_limit):
+            self._room.put(None)
         self._upstream = 0  # submitted, not yet ready for the batcher nor failed
         self._draining = 0  # bundles waiting in drain()
-        self._ready: queue.Queue = queue.Queue()  # bounded by _room
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._to_unload: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
-        self._fetch_pool = ThreadPoolExecutor(c.fetch_threads, thread_name_prefix="beam_infer-fetch")
-        self._decode_pool = ThreadPoolExecutor(c.decode_threads, thread_name_prefix="beam_infer-decode")
-        self._post_pool = ThreadPoolExecutor(c.postprocess_threads, thread_name_prefix="beam_infer-post")
+        self._fetch_pool = Workers("beam_infer-fetch", c.fetch_threads, self._fail)
+        self._decode_pool = Workers("beam_infer-decode", c.decode_threads, self._fail)
+        self._post_pool = Workers("beam_infer-post", c.postprocess_threads, self._fail)
         self._threads = [
             threading.Thread(target=self._batch_thread, name="beam_infer-batch", daemon=True),
             threading.Thread(target=self._run_stage, args=(self._to_forward, self._forward, self._to_unload),
@@ -215,12 +251,12 @@ class Engine:
 
     def _stop(self) -> None:
         self._running = False
-        self._fetch_pool.shutdown(wait=True, cancel_futures=True)
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._fetch_pool.stop(cancel=True)
+        self._decode_pool.stop(cancel=True)
         self._ready.put(_STOP)
         for t in self._threads:
             t.join()
-        self._post_pool.shutdown(wait=True)
+        self._post_pool.stop(cancel=False)
 
     # ---- submission and the CPU stages -----------------------------------------------------------------
 
@@ -231,8 +267,12 @@ class Engine:
     def _submit(self, item: _Item) -> None:
         if not self._running:
             raise EngineError("submit() on an engine that is not running: call retain() first")
-        while not self._room.acquire(timeout=_HEALTH_CHECK_S):
-            self._raise_if_failed()
+        while True:
+            try:
+                self._room.get(timeout=_HEALTH_CHECK_S)
+                break
+            except queue.Empty:
+                self._raise_if_failed()
         self._raise_if_failed()
         with self._lock:
             self._upstream += 1
@@ -245,7 +285,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - any error reading one record is that record's failure
             self._leave_upstream(item, Failure.of("fetch", e))
             return
-        item.result.stage_s["fetch"] = time.perf_counter() - t0
+        self._stats.busy("fetch", time.perf_counter() - t0)
         self._decode_pool.submit(self._preprocess, item, data)
 
     def _preprocess(self, item: _Item, data: bytes) -> None:
@@ -255,7 +295,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             self._leave_upstream(item, Failure.of("preprocess", e))
             return
-        item.result.stage_s["preprocess"] = time.perf_counter() - t0
+        self._stats.busy("preprocess", time.perf_counter() - t0)
         self._leave_upstream(item, None)
 
     def _leave_upstream(self, item: _Item, failure: Failure | None) -> None:
@@ -273,7 +313,7 @@ class Engine:
         item.result.value, item.result.failure = value, failure
         item.array = None
         item.outbox.put(item.result)
-        self._room.release()
+        self._room.put(None)
 
     @contextlib.contextmanager
     def _draining_bundle(self) -> Iterator[None]:
@@ -294,8 +334,11 @@ class Engine:
         try:
             fn(*args)
         except BaseException as e:  # noqa: BLE001 - fail the waiting bundles loudly, keep the thread alive
-            _LOG.exception("beam_infer engine stage failed")
-            self._error = e
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        _LOG.error("beam_infer engine stage failed", exc_info=error)
+        self._error = error
 
     def _run_stage(self, inbox: queue.Queue, handle: Callable[[Any], None], outbox: queue.Queue | None) -> None:
         """Runs `handle` on every message until _STOP, then passes _STOP on."""
@@ -360,13 +403,15 @@ class Engine:
                     f"{shape} {dtype}"))
             else:
                 good.append(item)
+        waited = time.perf_counter()
         lease = self.input_buffers.acquire((len(good), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
+        waited = time.perf_counter() - waited  # backpressure: every buffer still in use; not collate's work
         np.stack([item.array for item in good], out=lease.tensor.numpy())
         t1 = time.perf_counter()
         with self.streams.on(self.streams.h2d):
             device_input = lease.tensor.to(self.device, non_blocking=True)
-        _share(good, "collate", t1 - t0)
-        _share(good, "h2d", time.perf_counter() - t1)
+        self._stats.busy("collate", t1 - t0 - waited)
+        self._stats.busy("h2d", time.perf_counter() - t1)
         return good, lease, device_input
 
     def _preprocess_on_device(self, items: list[_Item]) -> tuple[list[_Item], None, torch.Tensor | None]:
@@ -382,7 +427,7 @@ class Engine:
             self._finish(items[index], failure=failure)
         good = [items[i] for a, b, _ in chunks for i in range(a, b)]
         device_input = _concat(chunks)[0] if chunks else None
-        _share(good, "device_preprocess", time.perf_counter() - t0)
+        self._stats.busy("device_preprocess", time.perf_counter() - t0)
         return good, None, device_input
 
     def _forward(self, batch: _Batch) -> None:
@@ -422,7 +467,7 @@ class Engine:
                 outputs = tuple(copies)
             batch.d2h_done = s.record(s.d2h)
         batch.outputs = outputs
-        _share(batch.items, "forward", t1 - t0)
+        self._stats.busy("forward", t1 - t0)
         self._to_unload.put(batch)
 
     def _bisect(self, fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
@@ -451,28 +496,34 @@ class Engine:
         """Waits for the D2H copy, hands each record's output rows to the postprocess pool."""
         t0 = time.perf_counter()
         self.streams.synchronize(batch.d2h_done)
-        arrays = [out.float().numpy() if out.dtype in (torch.bfloat16, torch.float16) else out.numpy().copy()
-                  for out in batch.outputs]
+        arrays = [as_numpy(out) for out in batch.outputs]
         for lease in batch.out_leases:
             lease.release()
-        _share(batch.items, "d2h", time.perf_counter() - t0)
+        self._stats.busy("d2h", time.perf_counter() - t0)
         items = [batch.items[i] for i in batch.rows]
-        for item in items:
-            item.result.batch_size = len(batch.items)
+        self._stats.batch(len(batch.items))
         step = max(1, -(-len(items) // self.config.postprocess_threads))
         for lo in range(0, len(items), step):
             self._post_pool.submit(self._postprocess, items[lo:lo + step], [x[lo:lo + step] for x in arrays])
 
     def _postprocess(self, items: list[_Item], arrays: list[np.ndarray]) -> None:
+        t0 = time.perf_counter()
+        done: list[tuple[_Item, dict[str, Any] | None, Failure | None]] = []
         for row, item in enumerate(items):
-            t0 = time.perf_counter()
             try:
-                value = self.task.postprocess(tuple(x[row] for x in arrays), item.result.record)
+                done.append((item, self.task.postprocess(tuple(x[row] for x in arrays), item.result.record), None))
             except Exception as e:  # noqa: BLE001
-                self._finish(item, failure=Failure.of("postprocess", e))
-                continue
-            item.result.stage_s["postprocess"] = time.perf_counter() - t0
-            self._finish(item, value=value)
+                done.append((item, None, Failure.of("postprocess", e)))
+        self._stats.busy("postprocess", time.perf_counter() - t0)  # before the bundles can see their results
+        for item, value, failure in done:
+            self._finish(item, value=value, failure=failure)
+
+
+def as_numpy(host_tensor: torch.Tensor) -> np.ndarray:
+    """A CPU output as a numpy array of its own (half precisions widened to float32, which numpy can hold)."""
+    if host_tensor.dtype in (torch.bfloat16, torch.float16):
+        return host_tensor.float().numpy()
+    return host_tensor.numpy().copy()  # the pinned buffer it came from is reused
 
 
 def _concat(chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
@@ -480,14 +531,6 @@ def _concat(chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> tuple[to
     if len(chunks) == 1:
         return chunks[0][2]
     return tuple(torch.cat(parts) for parts in zip(*(outs for _, _, outs in chunks), strict=True))
-
-
-def _share(items: list[_Item], stage: str, seconds: float) -> None:
-    """Spreads a batch stage's time evenly over its records."""
-    if items:
-        each = seconds / len(items)
-        for item in items:
-            item.result.stage_s[stage] = each
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -1,0 +1,164 @@
+"""Benchmarks side by side, in one process and one run: the bounds, then naive, runinference and beam_infer.
+
+    python -m benchmarks.run --scenario classify-cpu-decode --device cuda --json results.json
+    python -m benchmarks.run --scenario img2img --device cpu --items 16 --batch-size 4 --image-size 64
+
+Throughput is given twice: end to end (wall time, with Beam's start-up and the Parquet writes for the Beam
+competitors) and steady (first record decoded to last record postprocessed). The ratio to the bound uses the
+steady figure, as the bounds are steady figures too. Scenarios are in benchmarks/scenarios.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from beam_infer import EngineConfig
+from beam_infer.engine import load_on_device
+from beam_infer.io.fetch import fetch_bytes
+from benchmarks import bounds, competitors
+from benchmarks.data import dataset, read_records
+from benchmarks.monitor import Monitor, describe_device
+from benchmarks.scenarios import SCENARIOS, Scenario
+
+COMPETITORS = ("naive", "runinference", "beam_infer")
+_FORWARD_BATCHES_MAX = 20
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--items", type=int, help="records per competitor (default: the scenario's)")
+    parser.add_argument("--batch-size", type=int, help="default: the scenario's (256)")
+    parser.add_argument("--image-size", type=int,
+                        help="override the input images' width and height (small CPU smoke runs)")
+    parser.add_argument("--competitors", default=",".join(COMPETITORS), help="comma-separated subset to run")
+    parser.add_argument("--json", help="write the results here as JSON")
+    return parser.parse_args(argv)
+
+
+def git_commit() -> str:
+    if os.environ.get("BEAM_INFER_COMMIT"):
+        return os.environ["BEAM_INFER_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measure_bounds(scenario: Scenario, config: EngineConfig, manifest: str, output: str) -> dict[str, float]:
+    records = read_records(manifest)
+    task = scenario.task(output)
+    device = config.torch_device()
+    payloads = [fetch_bytes(r["uri"]) for r in records]
+    model, _, _ = load_on_device(task, config)
+    batch = bounds.device_batch(task, payloads[:config.batch_size], records[:config.batch_size], device)
+    steps = max(3, min(_FORWARD_BATCHES_MAX, len(records) // config.batch_size))
+    out = {"forward_only": bounds.forward_only(model, batch, steps)}
+    del model, batch
+    if scenario.bound == "cpu_decode_or_forward":
+        out["cpu_decode"] = bounds.cpu_decode(task, payloads, records, config.decode_threads)
+    if task.device_preprocess is not None:
+        out["device_decode"] = bounds.device_decode(task, payloads, records, device, config.batch_size)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def run_competitor(name: str, scenario: Scenario, config: EngineConfig, manifest: str,
+                   output: str) -> competitors.Run:
+    if name == "naive":
+        return competitors.naive(scenario.task(output), config, read_records(manifest))
+    if name == "runinference":  # RunInference's handlers take stackable tensors: it decodes on the CPU
+        return competitors.runinference(scenario.task(output, decode="cpu"), config, manifest, output)
+    return competitors.beam_infer(scenario.task(output), config, manifest, output)
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    scenario = SCENARIOS[args.scenario]
+    if args.image_size:
+        scenario = dataclasses.replace(scenario, data=(scenario.data[0], args.image_size, args.image_size))
+    items = args.items or scenario.default_items
+    config = EngineConfig(batch_size=args.batch_size or scenario.batch_size, device=args.device,
+                          channels_last=scenario.channels_last and args.device.startswith("cuda"))
+    device = config.torch_device()
+    manifest = dataset(scenario.data[0], scenario.data[1], scenario.data[2], items)
+    scratch = tempfile.mkdtemp(prefix="beam_infer_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        bound_dir = os.path.join(scratch, "bounds")
+        os.makedirs(bound_dir)
+        measured = measure_bounds(scenario, config, manifest, bound_dir)
+        bound_name, bound = scenario.relevant_bound(measured)
+        rows = []
+        for name in args.competitors.split(","):
+            output = os.path.join(scratch, name)
+            os.makedirs(output)
+            with Monitor(device) as monitor:
+                run = run_competitor(name, scenario, config, manifest, output)
+            usage = monitor.usage
+            steady = run.records / run.steady_seconds if run.steady_seconds > 0 else 0.0
+            rows.append({
+                "name": name, "records": run.records, "seconds": round(run.seconds, 3),
+                "records_per_s": round(run.records / run.seconds, 1),
+                "steady_records_per_s": round(steady, 1), "ratio_to_bound": round(steady / bound, 3),
+                "gpu_util_pct": None if usage.gpu_util_pct is None else round(usage.gpu_util_pct, 1),
+                "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
+                "peak_rss_mb": round(usage.peak_rss_mb), "peak_gpu_mem_mb":
+                    None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
+            })
+            shutil.rmtree(output, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "device": describe_device(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
+        "scenario": scenario.name, "items": items, "batch_size": config.batch_size,
+        "dtype": str(config.torch_dtype(device)).removeprefix("torch."), "image": list(scenario.data),
+        "torch": torch.__version__, "bounds": {k: round(v, 1) for k, v in measured.items()},
+        "bound": {"name": bound_name, "records_per_s": round(bound, 1)}, "competitors": rows,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    lines = [f"{result['scenario']} on {result['device']} ({result['date']}, commit {result['commit'][:10]}): "
+             f"{result['items']} records, batch {result['batch_size']}, {result['dtype']}",
+             "bounds (records/s): " + ", ".join(f"{k} {v:,.1f}" for k, v in result["bounds"].items())
+             + f"; held against: {result['bound']['name']} {result['bound']['records_per_s']:,.1f}",
+             f"{'competitor':<13}{'records':>8}{'rec/s e2e':>11}{'rec/s steady':>14}{'x bound':>9}{'GPU %':>7}"
+             f"{'RSS MB':>8}{'GPU MB':>8}  busy s per stage"]
+    for c in result["competitors"]:
+        util = "-" if c["gpu_util_pct"] is None else f"{c['gpu_util_pct']:.0f}"
+        gpu_mem = "-" if c["peak_gpu_mem_mb"] is None else str(c["peak_gpu_mem_mb"])
+        busy = " ".join(f"{k} {v:.2f}" for k, v in c["busy_s"].items()) or "-"
+        lines.append(f"{c['name']:<13}{c['records']:>8}{c['records_per_s']:>11,.1f}{c['steady_records_per_s']:>14,.1f}"
+                     f"{c['ratio_to_bound']:>9.3f}{util:>7}{c['peak_rss_mb']:>8}{gpu_mem:>8}  {busy}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    logging.getLogger().setLevel(logging.WARNING)
+    args = parse_args(argv)
+    result = benchmark(args)
+    print(render(result), flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,86 @@
+"""The benchmark scenarios: data, model, batch size, the tasks each competitor runs, and the bound that counts.
+
+    classify-cpu-decode  ResNet-50 (torchvision, random weights), JPEGs of 500x375 decoded and resized by PIL
+                         on CPU threads; the ceiling is the CPU's decode rate.
+    classify-gpu-decode  the same model and JPEGs, decoded in batches by nvJPEG and resized on the GPU; the
+                         bound is decode and forward sharing the GPU: 1 / (1/decode + 1/forward).
+    img2img              a light conv net on 3x512² uint8 images in and out (raw .npy files): transfer-heavy;
+                         the postprocess stage encodes and writes every output; the bound is forward only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from beam_infer.models import resolve_task
+from beam_infer.task import InferenceTask
+from beam_infer.tasks.img2img import image_to_image
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark setting.
+
+    Attributes:
+        data: (kind, width, height) of the generated inputs (see benchmarks/data.py).
+        make_task: (decode place, output directory, input width) -> the task; decode is "cpu" or "device".
+        decode: where beam_infer and the naive loop decode ("cpu" or "device"); RunInference decodes on CPU.
+        bound: names the bound that beam_infer's ratio is taken against; see `relevant_bound`.
+        channels_last: the model's memory format on CUDA.
+    """
+
+    name: str
+    data: tuple[str, int, int]
+    make_task: Callable[[str, str, int], InferenceTask]
+    decode: str
+    bound: str
+    batch_size: int = 256
+    channels_last: bool = True
+    default_items: int = 3072
+
+    def task(self, output_dir: str, decode: str | None = None) -> InferenceTask:
+        return self.make_task(decode or self.decode, output_dir, self.data[1])
+
+    def relevant_bound(self, bounds: dict[str, float]) -> tuple[str, float]:
+        """(name, records/s) of the bound the competitors are held against in this run."""
+        if self.bound == "decode_and_forward":
+            value = 1 / (1 / bounds["device_decode"] + 1 / bounds["forward_only"])
+            return "decode_and_forward", value
+        if self.bound == "cpu_decode_or_forward":  # the slower of the two stages limits the pipeline
+            name = min(("cpu_decode", "forward_only"), key=lambda k: bounds[k])
+            return name, bounds[name]
+        return self.bound, bounds[self.bound]
+
+
+def _resnet50(decode: str, output_dir: str, width: int) -> InferenceTask:
+    return resolve_task("torchvision:resnet50", top_k=5, decode=decode)
+
+
+class LightConvNet(nn.Module):
+    """Five 3x3 convolutions at full resolution (3 → 64 → 64 → 64 → 64 → 3), with a residual: about 80 GFLOP
+    per 512² image, so forward alone runs a few thousand images/s on an H100 and the copies matter."""
+
+    def __init__(self, width: int = 64) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, width, 3, padding=1), nn.ReLU(inplace=True)]
+        for _ in range(3):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, 3, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return (x + self.body(x)).clamp(0, 1)
+
+
+def _light_conv(decode: str, output_dir: str, width: int) -> InferenceTask:
+    return image_to_image("light_conv", LightConvNet, output_dir, image_size=width, output_format="npy")
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("classify-cpu-decode", ("jpeg", 500, 375), _resnet50, decode="cpu", bound="cpu_decode_or_forward"),
+    Scenario("classify-gpu-decode", ("jpeg", 500, 375), _resnet50, decode="device", bound="decode_and_forward"),
+    Scenario("img2img", ("npy", 512, 512), _light_conv, decode="cpu", bound="forward_only", default_items=2048),
+)}

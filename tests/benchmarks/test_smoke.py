@@ -1,0 +1,58 @@
+"""CPU smoke runs of the benchmarks: every competitor runs and does every record. No speed is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import overhead
+from benchmarks import run as bench
+
+pytestmark = pytest.mark.timeout(600)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("BEAM_INFER_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _check(result, items):
+    assert [c["name"] for c in result["competitors"]] == ["naive", "runinference", "beam_infer"]
+    assert [c["records"] for c in result["competitors"]] == [items] * 3
+    for c in result["competitors"]:
+        assert c["records_per_s"] > 0 and c["steady_records_per_s"] > 0 and c["ratio_to_bound"] > 0
+        assert c["peak_rss_mb"] > 0 and c["gpu_util_pct"] is None  # no GPU here
+    assert all(v > 0 for v in result["bounds"].values())
+    assert result["bound"]["name"] in result["bounds"] or result["bound"]["name"] == "decode_and_forward"
+
+
+@pytest.mark.parametrize("scenario, bounds", [
+    ("classify-cpu-decode", {"forward_only", "cpu_decode"}),
+    ("classify-gpu-decode", {"forward_only", "device_decode"}),  # nvJPEG's stand-in on CPU: torchvision's decoder
+])
+def test_classify_scenarios_run_every_competitor_on_every_record(scenario, bounds):
+    result = bench.main(["--scenario", scenario, "--device", "cpu", "--items", "12", "--batch-size", "4"])
+    _check(result, 12)
+    assert set(result["bounds"]) == bounds
+    assert result["competitors"][2]["busy_s"]["forward"] > 0  # beam_infer's stage times come from its metrics
+
+
+def test_img2img_from_the_command_line_writes_the_json_with_every_competitor(tmp_path):
+    out = tmp_path / "img2img.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--scenario", "img2img", "--device", "cpu",
+                           "--items", "10", "--batch-size", "4", "--image-size", "64", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=500, env=os.environ)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "beam_infer" in proc.stdout and "forward_only" in proc.stdout
+    result = json.loads(out.read_text())
+    _check(result, 10)
+    assert {"device", "date", "commit", "scenario"} <= set(result) and result["scenario"] == "img2img"
+
+
+def test_overhead_measures_both_pipelines_over_the_same_records():
+    result = overhead.main(["--items", "300", "--repeats", "1"])
+    assert len(result["seconds"]["beam_only"]) == len(result["seconds"]["beam_infer"]) == 1
+    assert result["beam_us_per_record"] > 0 and isinstance(result["beam_infer_extra_us_per_record"], float)
