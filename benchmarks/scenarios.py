@@ -12,12 +12,48 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from beam_infer.models import resolve_task
 from beam_infer.task import InferenceTask
 from beam_infer.tasks.img2img import image_to_image
+
+
+@dataclass(frozen=True)
+class Target:
+    """A figure to reach on CUDA (../shared/design.md and issue 4): `value(result)` must be at least `minimum`."""
+
+    text: str
+    value: Callable[[dict[str, Any]], float | None]
+    minimum: float
+
+    def check(self, result: dict[str, Any]) -> dict[str, Any]:
+        value = self.value(result)
+        return {"target": self.text, "minimum": self.minimum, "value": value,
+                "met": value is not None and value >= self.minimum}
+
+
+def _steady(result: dict[str, Any], name: str) -> float | None:
+    return next((c["steady_records_per_s"] for c in result["competitors"] if c["name"] == name), None)
+
+
+def _field(name: str, key: str) -> Callable[[dict[str, Any]], float | None]:
+    return lambda result: next((c[key] for c in result["competitors"] if c["name"] == name), None)
+
+
+def _times_runinference(result: dict[str, Any]) -> float | None:
+    ours, theirs = _steady(result, "beam_infer"), _steady(result, "runinference")
+    return ours / theirs if ours and theirs else None
+
+
+def _on_h100(result: dict[str, Any]) -> float | None:
+    return _steady(result, "beam_infer") if "H100" in result["device"] else None
+
+
+RATIO = _field("beam_infer", "ratio_to_bound")
+GPU_UTIL = _field("beam_infer", "gpu_util_pct")
 
 
 @dataclass(frozen=True)
@@ -40,6 +76,7 @@ class Scenario:
     batch_size: int = 256
     channels_last: bool = True
     default_items: int = 3072
+    targets: tuple[Target, ...] = ()
 
     def task(self, output_dir: str, decode: str | None = None) -> InferenceTask:
         return self.make_task(decode or self.decode, output_dir, self.data[1])
@@ -80,7 +117,14 @@ def _light_conv(decode: str, output_dir: str, width: int) -> InferenceTask:
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("classify-cpu-decode", ("jpeg", 500, 375), _resnet50, decode="cpu", bound="cpu_decode_or_forward"),
-    Scenario("classify-gpu-decode", ("jpeg", 500, 375), _resnet50, decode="device", bound="decode_and_forward"),
-    Scenario("img2img", ("npy", 512, 512), _light_conv, decode="cpu", bound="forward_only", default_items=2048),
+    Scenario("classify-cpu-decode", ("jpeg", 500, 375), _resnet50, decode="cpu", bound="cpu_decode_or_forward",
+             targets=(Target("beam_infer / CPU decode ceiling", RATIO, 0.95),
+                      Target("beam_infer / runinference", _times_runinference, 10.0))),
+    Scenario("classify-gpu-decode", ("jpeg", 500, 375), _resnet50, decode="device", bound="decode_and_forward",
+             targets=(Target("beam_infer / (1 / (1/decode + 1/forward))", RATIO, 0.90),
+                      Target("beam_infer images/s on an H100", _on_h100, 7000.0),
+                      Target("GPU utilisation % (beam_infer)", GPU_UTIL, 95.0))),
+    Scenario("img2img", ("npy", 512, 512), _light_conv, decode="cpu", bound="forward_only", default_items=2048,
+             targets=(Target("beam_infer / forward only", RATIO, 0.90),
+                      Target("GPU utilisation % (beam_infer)", GPU_UTIL, 95.0))),
 )}
