@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import datetime
+import itertools
 import json
 import logging
 import os

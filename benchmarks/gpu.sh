@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (under 5 minutes on an H100), on a GPU machine that has torch but no network and
+# no apache-beam. Prepare the wheels here first, once:
+#   ../shared/device/fetch-wheels.sh pytest-timeout      # Beam's and gcsfs's wheels into .whl/
+# then, on the GPU machine, from the repository root:
+#   bash benchmarks/gpu.sh [RESULTS_DIR]                 # default: benchmarks/results/<date>
+# It installs .whl/ into a scratch folder, runs the gpu-marked tests, then every benchmark scenario with
+# --device cuda, writing one JSON per scenario (and gpu-tests.txt) into RESULTS_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+results=${1:-benchmarks/results/$(date +%F)}
+mkdir -p "$results"
+site=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+export PYTHONPATH="$site:$PWD"
+export BEAM_INFER_CACHE=${BEAM_INFER_CACHE:-/tmp/beam_infer_cache}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/device.txt"
+python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
+  | tee -a "$results/device.txt"
+
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/engine/test_pinned.py \
+  2>&1 | tee "$results/gpu-tests.txt" || echo "gpu tests failed (see gpu-tests.txt); benchmarks go on"
+
+# naive and runinference are slow by design: they run on a prefix of the records, beam_infer on all of them.
+run() { timeout "$1" python3 -m benchmarks.run --device cuda --json "$results/$2.json" --scenario "$2" "${@:3}" \
+          || echo "benchmark $2 failed or timed out"; }
+run 100 classify-cpu-decode --items 3072 --slow-items 1024
+run 80 classify-gpu-decode --items 6144 --slow-items 1024
+run 80 img2img --items 2048 --slow-items 256
+ls -l "$results"
