@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DEFAULT_DECODE_THREADS = max(1, min(8, (os.cpu_count() or 2) - 1))  # below the core count: leave one to launch
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+_DEFAULT_DECODE_THREADS = max(1, _CORES - 1)  # below the core count: one core left for the Python glue and launches
 
 
 @dataclass(frozen=True)

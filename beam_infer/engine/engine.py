@@ -443,6 +443,8 @@ class Engine:
             self._bisect(self.model, batch.device_input, 0, len(batch.items), "forward", chunks, failures)
             batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
             outputs = _concat(chunks)
+            if not s.cuda:  # an output that is a view of the input would see the next batch collated into it
+                outputs = tuple(_unaliased(out, batch.device_input) for out in outputs)
         forward_done = s.record(s.compute)
         if start is not None:
             self.trace.append((batch.number, "forward", start, forward_done))
@@ -493,37 +495,82 @@ class Engine:
             self._bisect(fn, x, mid, stop, stage, chunks, failures)
 
     def _unload(self, batch: _Batch) -> None:
-        """Waits for the D2H copy, hands each record's output rows to the postprocess pool."""
+        """Waits for the D2H copy, hands each record's output rows to the postprocess pool.
+
+        The rows are views of the pinned output buffers (no copy); the buffers go back to their pool once
+        every postprocess call of the batch has returned.
+        """
         t0 = time.perf_counter()
         self.streams.synchronize(batch.d2h_done)
         arrays = [as_numpy(out) for out in batch.outputs]
-        for lease in batch.out_leases:
-            lease.release()
         self._stats.busy("d2h", time.perf_counter() - t0)
         items = [batch.items[i] for i in batch.rows]
         self._stats.batch(len(batch.items))
         step = max(1, -(-len(items) // self.config.postprocess_threads))
-        for lo in range(0, len(items), step):
-            self._post_pool.submit(self._postprocess, items[lo:lo + step], [x[lo:lo + step] for x in arrays])
+        spans = [(lo, min(lo + step, len(items))) for lo in range(0, len(items), step)]
+        release = _ReleaseAfter(len(spans), batch.out_leases)
+        for lo, hi in spans:
+            self._post_pool.submit(self._postprocess, items[lo:hi], [x[lo:hi] for x in arrays], release)
 
-    def _postprocess(self, items: list[_Item], arrays: list[np.ndarray]) -> None:
+    def _postprocess(self, items: list[_Item], arrays: list[np.ndarray], release: _ReleaseAfter) -> None:
         t0 = time.perf_counter()
         done: list[tuple[_Item, dict[str, Any] | None, Failure | None]] = []
-        for row, item in enumerate(items):
-            try:
-                done.append((item, self.task.postprocess(tuple(x[row] for x in arrays), item.result.record), None))
-            except Exception as e:  # noqa: BLE001
-                done.append((item, None, Failure.of("postprocess", e)))
+        try:
+            for row, item in enumerate(items):
+                try:
+                    value = self.task.postprocess(tuple(x[row] for x in arrays), item.result.record)
+                    done.append((item, release.detach(value, arrays), None))
+                except Exception as e:  # noqa: BLE001
+                    done.append((item, None, Failure.of("postprocess", e)))
+        finally:
+            release.done()
         self._stats.busy("postprocess", time.perf_counter() - t0)  # before the bundles can see their results
         for item, value, failure in done:
             self._finish(item, value=value, failure=failure)
 
 
+class _ReleaseAfter:
+    """Gives a batch's pinned output buffers back after the last of its `calls` postprocess calls."""
+
+    def __init__(self, calls: int, leases: list[Lease]) -> None:
+        self._lock = threading.Lock()
+        self._left = calls
+        self._leases = leases
+        if calls == 0:
+            self._release()
+
+    def detach(self, value: dict[str, Any], arrays: list[np.ndarray]) -> dict[str, Any]:
+        """Copies any array in `value` that is a view of a pinned buffer, which is about to be reused."""
+        if self._leases and isinstance(value, dict):
+            for key, v in value.items():
+                if isinstance(v, np.ndarray) and any(np.may_share_memory(v, a) for a in arrays):
+                    value[key] = v.copy()
+        return value
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        for lease in self._leases:
+            lease.release()
+
+
 def as_numpy(host_tensor: torch.Tensor) -> np.ndarray:
-    """A CPU output as a numpy array of its own (half precisions widened to float32, which numpy can hold)."""
+    """A CPU tensor as numpy: a view, or a float32 copy for half precisions (which numpy cannot hold)."""
     if host_tensor.dtype in (torch.bfloat16, torch.float16):
         return host_tensor.float().numpy()
-    return host_tensor.numpy().copy()  # the pinned buffer it came from is reused
+    return host_tensor.numpy()
+
+
+def _unaliased(output: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """`output`, or a copy of it when it shares storage with `source`."""
+    if output.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
+        return output.clone()
+    return output
 
 
 def _concat(chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:

@@ -34,6 +34,40 @@ def test_every_record_comes_back_once_with_its_value():
     assert all(r.value["doubled"] == 2 * r.record["value"] for r in out)
 
 
+class _Identity(torch.nn.Module):
+    """Returns its input itself: the output is a view of the engine's reused input buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x
+
+
+def test_an_output_that_is_the_input_itself_is_not_overwritten_by_the_next_batch():
+    gate = threading.Event()
+    task = number_task(_Identity())
+    slow_post = task.postprocess
+
+    def postprocess(outputs, record):  # hold the first batch's rows until later batches were collated
+        gate.wait(timeout=10)
+        return slow_post(outputs, record)
+
+    import dataclasses
+    engine = Engine(dataclasses.replace(task, postprocess=postprocess),
+                    EngineConfig(device="cpu", batch_size=2, host_buffers=1, postprocess_threads=1,
+                                 max_in_flight=12)).retain()
+    records = write_numbers(safe(12))
+    bundle = engine.open_bundle()
+    for r in records:
+        bundle.submit(r)
+    gate.set()
+    out = list(bundle.drain())
+    engine.release()
+    assert sorted((r.record["value"], r.value["doubled"]) for r in out) == [(v, v) for v in safe(12)]
+
+
 def test_batches_fill_up_to_batch_size():
     model = Doubler()
     engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
