@@ -82,3 +82,15 @@ def test_nvjpeg_decode_on_cuda_classifies_like_pil_decode_on_cpu(sample_dir):
     assert all(r.failure is None for r in b.values()), [r.failure for r in b.values() if r.failure]
     agree = sum(a[k].value["top_labels"][0] == b[k].value["top_labels"][0] for k in a)
     assert agree >= len(a) - 2
+
+
+def test_an_output_row_kept_by_postprocess_is_not_overwritten_when_its_pinned_buffer_is_reused():
+    from beam_infer.task import InferenceTask
+    from tests.fakes import Doubler, read_number, safe, write_numbers
+
+    task = InferenceTask("keeps_rows", Doubler, read_number, lambda outs, r: {"row": outs[0]})
+    engine = Engine(task, EngineConfig(device="cuda", dtype="float32", batch_size=4, host_buffers=1)).retain()
+    records = write_numbers(safe(40))
+    results = _predict(engine, records)
+    engine.release()
+    assert sorted(float(r.value["row"][0]) for r in results.values()) == [2 * v for v in safe(40)]
