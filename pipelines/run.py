@@ -37,6 +37,7 @@ from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
+from pipelines.dataflow import add_dataflow_arguments, dataflow_args
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -51,6 +52,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
     parser.add_argument("--runner", default="DirectRunner")
+    add_dataflow_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -116,7 +118,7 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     args, beam_args = parse_args(argv)
-    options = PipelineOptions([f"--runner={args.runner}", *beam_args])
+    options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     task = resolve_task(args.model, args.top_k)
     sample_dir = None
