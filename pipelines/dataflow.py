@@ -22,6 +22,7 @@ turns on NVIDIA MPS instead, which Dataflow supports on one-GPU workers only.
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, PipelineOptions, WorkerOptions
@@ -39,6 +40,9 @@ DEFAULT_MACHINE_TYPES: dict[str, dict[int, str]] = {
 GPU_DISK_SIZE_GB = 50  # Dataflow's default batch boot disk (25 GB with Shuffle) is tight for a CUDA torch image
 ONE_SDK_PROCESS = "no_use_multiple_sdk_containers"
 RUNNER_V2 = "use_runner_v2"
+# Beam's Dataflow client logs "Created job with id: [ID]" at INFO; Airflow's Beam operator reads that line.
+JOB_ID_LOGGER = "apache_beam.runners.dataflow.internal.apiclient"
+_JOB_ID_HANDLER = "beam_infer_dataflow_job_id"
 
 
 def add_dataflow_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,3 +132,18 @@ def _gpu_args(gpu_type: str, count: int, sdk_processes: str, options: PipelineOp
     if worker.disk_size_gb is None:
         added.append(f"--disk_size_gb={GPU_DISK_SIZE_GB}")
     return added
+
+
+def log_dataflow_job_id(runner: str) -> None:
+    """On Dataflow, lets Beam's job-id lines reach stderr although the job logs at WARNING otherwise.
+
+    Airflow's Beam operator (and a person at the terminal) reads "Created job with id: [ID]" from them: with the
+    id it links the job, waits for it through the Dataflow API and cancels it when the Airflow task is killed.
+    """
+    logger = logging.getLogger(JOB_ID_LOGGER)
+    if runner.lower() not in DATAFLOW_RUNNERS or any(h.get_name() == _JOB_ID_HANDLER for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.set_name(_JOB_ID_HANDLER)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

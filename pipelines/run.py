@@ -37,7 +37,7 @@ from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
-from pipelines.dataflow import add_dataflow_arguments, dataflow_args
+from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -119,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     args, beam_args = parse_args(argv)
     options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
+    log_dataflow_job_id(args.runner)
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     task = resolve_task(args.model, args.top_k)
     sample_dir = None

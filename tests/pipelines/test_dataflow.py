@@ -1,5 +1,7 @@
 """The Dataflow options pipelines.run assembles, checked offline: no job is submitted and Google is never called."""
 
+import logging
+
 import pytest
 from apache_beam.options.pipeline_options import (
     DebugOptions,
@@ -12,12 +14,23 @@ from apache_beam.runners.dataflow.internal import apiclient
 
 from beam_infer.runners import resolve_runner
 from pipelines import run
+from pipelines.dataflow import JOB_ID_LOGGER
 
 pytestmark = pytest.mark.timeout(60)
 IMAGE = "us-docker.pkg.dev/p/beam/beam-infer:1"
 JOB = ["--runner", "DataflowRunner", "--input", "gs://b/images/*.jpg", "--output", "gs://b/out",
        "--project", "p", "--region", "us-central1", "--temp_location", "gs://b/tmp"]
 L4 = [*JOB, "--gpu-type", "nvidia-l4", "--worker-image", IMAGE]
+
+
+@pytest.fixture(autouse=True)
+def job_id_logger():
+    """Beam's Dataflow client logger, as main() leaves it; its handlers and level are restored afterwards."""
+    logger = logging.getLogger(JOB_ID_LOGGER)
+    handlers, level = list(logger.handlers), logger.level
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
 
 
 def assembled(monkeypatch, argv) -> PipelineOptions:
@@ -122,3 +135,14 @@ def test_an_unknown_gpu_runs_with_an_explicit_machine_type(monkeypatch):
     assert options.view_as(WorkerOptions).machine_type == "a3-highgpu-1g"
     assert options.view_as(GoogleCloudOptions).dataflow_service_options == \
         ["worker_accelerator=type:nvidia-h100-80gb;count:1;install-nvidia-driver"]
+
+
+def test_on_dataflow_beams_job_id_line_reaches_stderr_once_for_airflow_to_read(monkeypatch, job_id_logger, capfd):
+    assembled(monkeypatch, ["--output", "o", "--sample-size", "1"])  # DirectRunner: nothing changes
+    job_id_logger.info("Created job with id: [%s]", "direct")
+    assembled(monkeypatch, L4)
+    assembled(monkeypatch, L4)
+    job_id_logger.info("Created job with id: [%s]", "2026-11-27_01_02_03-42")
+    err = capfd.readouterr().err
+    assert "direct" not in err
+    assert err.count("Created job with id: [2026-11-27_01_02_03-42]") == 1
