@@ -38,6 +38,7 @@ from beam_infer.models import DEFAULT_MODEL
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
+from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -54,6 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="decode images on the CPU (PIL, any format) or on the device (nvJPEG on CUDA, JPEG only)")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
     parser.add_argument("--runner", default="DirectRunner")
+    add_dataflow_arguments(parser)
     return parser.parse_known_args(argv)
 
 
@@ -119,7 +121,8 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     args, beam_args = parse_args(argv)
-    options = PipelineOptions([f"--runner={args.runner}", *beam_args])
+    options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
+    log_dataflow_job_id(args.runner)
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     task = resolve_task(args.model, args.top_k, args.decode)
     sample_dir = None
