@@ -54,6 +54,7 @@ def assert_same_rows(rows: dict[str, dict], reference: dict[str, dict]) -> None:
     pytest.param(["--direct_running_mode=multi_processing", "--direct_num_workers=2"], 2, id="direct-2-processes"),
     pytest.param(["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"], 1,
                  id="portable-embed-loopback"),
+    pytest.param(["--runner=PortableRunner", "--job_endpoint=embed"], 1, id="portable-embed-defaults-to-loopback"),
 ])
 def test_classify_on_direct_and_portable_runners_gives_the_in_process_rows(manifest, reference, tmp_path, flags,
                                                                            max_engines):
