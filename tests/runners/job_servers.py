@@ -178,8 +178,12 @@ def _class_path(jar: str) -> list[str]:
 
 
 def _complete(jar: str) -> bool:
-    """Whether `jar` exists and every jar its manifest names is still there (~/.m2 may have been cleaned)."""
-    return os.path.exists(jar) and all(os.path.exists(p) for p in _class_path(jar))
+    """Whether `jar` is a classpath jar and every jar its manifest names is still there (~/.m2 may have been
+    cleaned)."""
+    try:
+        return all(os.path.exists(p) for p in _class_path(jar))
+    except (OSError, zipfile.BadZipFile, KeyError, StopIteration):  # missing, not a jar, or no Class-Path
+        return False
 
 
 def main() -> int:

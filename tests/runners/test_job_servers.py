@@ -50,6 +50,11 @@ def test_without_any_jar_the_reason_names_beams_error_and_how_to_build_one(no_be
     with pytest.raises(Unavailable) as e:
         job_server_flags(SPARK)
     assert "404" in str(e.value) and "python -m tests.runners.job_servers" in str(e.value)
+    (no_beam_jar / "jars").mkdir()
+    with open(SPARK.built_jar, "wb") as half_written:  # not a jar: unusable, not an error
+        half_written.write(b"PK\x03")
+    with pytest.raises(Unavailable):
+        job_server_flags(SPARK)
 
 
 def test_a_jvm_test_that_cannot_run_skips_on_a_users_machine(monkeypatch):
