@@ -12,6 +12,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
 from apache_beam.runners.portability.portable_runner import PortableRunner
 from apache_beam.runners.runner import PipelineRunner
+from apache_beam.transforms.environments import Environment
 
 _DIRECT_NAMES = (None, "", "DirectRunner", "direct", "InProcessDirectRunner")
 
@@ -37,7 +38,7 @@ class EmbeddedLoopbackPortableRunner(PortableRunner):
     process (LOOPBACK), as Beam does for a local Flink or Spark. Beam's default there, a DOCKER harness from
     Beam's stock image, would have neither torch nor beam_infer."""
 
-    def default_environment(self, options):
+    def default_environment(self, options: PipelineOptions) -> Environment:
         portable = options.view_as(PortableOptions)
         if portable.job_endpoint == "embed" and not portable.environment_type:
             portable.environment_type = "LOOPBACK"
