@@ -22,6 +22,7 @@ from beam_infer.task import InferenceTask, record_id
 
 DEAD_LETTERS = "dead_letters"
 PREDICTIONS = "predictions"
+ENGINES = "engines"  # counter: engines built, one per worker process per (task, config)
 METRICS_NAMESPACE = "beam_infer"
 
 
@@ -40,8 +41,15 @@ class _GpuInferenceDoFn(beam.DoFn):
 
     def setup(self) -> None:
         # Built by the first DoFn instance of the process; this reference keeps it alive while the DoFn lives.
-        self._engine = self._shared.acquire(lambda: Engine(self._task, self._config),
-                                            tag=(self._task.name, self._config)).retain()
+        built = []
+
+        def build() -> Engine:
+            built.append(True)
+            return Engine(self._task, self._config)
+
+        self._engine = self._shared.acquire(build, tag=(self._task.name, self._config)).retain()
+        # Metrics need a bundle: the instance that built the engine counts it at the end of its first bundle.
+        self._engines_built = len(built)
 
     def start_bundle(self) -> None:
         self._bundle = self._engine.open_bundle()
@@ -62,6 +70,9 @@ class _GpuInferenceDoFn(beam.DoFn):
     def finish_bundle(self) -> Iterator[Any]:
         yield from self._emit(self._bundle.drain())
         self._bundle = None
+        if self._engines_built:
+            self._counts[ENGINES] += self._engines_built
+            self._engines_built = 0
         for name, n in self._counts.items():
             Metrics.counter(METRICS_NAMESPACE, name).inc(n)
         busy, batch_sizes = self._engine.take_stats()  # the engine's, since any bundle last took them

@@ -1,13 +1,18 @@
-"""Runner choice: DirectRunner means Beam's in-process FnApiRunner here, with no attempt to fetch Prism.
+"""Runner choice: DirectRunner means Beam's in-process FnApiRunner here, with no attempt to fetch Prism; and
+PortableRunner with the embedded job service runs the SDK harness in this process unless told otherwise.
 
 Beam 2.77's DirectRunner first tries to download and start the Prism runner binary, which needs the network;
-beam_infer's default path must work offline, so "DirectRunner" resolves to the runner below.
+beam_infer's default path must work offline, so "DirectRunner" resolves to the runner below. Every other runner
+is Beam's own: FlinkRunner with --flink_master=[local] and SparkRunner with --spark_master_url=local[N] already
+default to a LOOPBACK harness.
 """
 
 from __future__ import annotations
 
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import PipelineOptions, PortableOptions, StandardOptions
+from apache_beam.runners.portability.portable_runner import PortableRunner
 from apache_beam.runners.runner import PipelineRunner
+from apache_beam.transforms.environments import Environment
 
 _DIRECT_NAMES = (None, "", "DirectRunner", "direct", "InProcessDirectRunner")
 
@@ -28,7 +33,22 @@ class InProcessDirectRunner(PipelineRunner):
         return fn_runner.FnApiRunner(provision_info=info).run_pipeline(pipeline, options)
 
 
+class EmbeddedLoopbackPortableRunner(PortableRunner):
+    """PortableRunner that, with --job_endpoint=embed and no --environment_type, runs the SDK harness in this
+    process (LOOPBACK), as Beam does for a local Flink or Spark. Beam's default there, a DOCKER harness from
+    Beam's stock image, would have neither torch nor beam_infer."""
+
+    def default_environment(self, options: PipelineOptions) -> Environment:
+        portable = options.view_as(PortableOptions)
+        if portable.job_endpoint == "embed" and not portable.environment_type:
+            portable.environment_type = "LOOPBACK"
+        return super().default_environment(options)
+
+
 def resolve_runner(options: PipelineOptions) -> PipelineRunner | None:
-    """The runner object to pass to beam.Pipeline: ours for DirectRunner, None (Beam's choice) otherwise."""
+    """The runner object to pass to beam.Pipeline: ours for DirectRunner and PortableRunner, None (Beam's choice)
+    otherwise."""
     name = options.view_as(StandardOptions).runner
-    return InProcessDirectRunner() if name in _DIRECT_NAMES else None
+    if name in _DIRECT_NAMES:
+        return InProcessDirectRunner()
+    return EmbeddedLoopbackPortableRunner() if name == "PortableRunner" else None

@@ -1,8 +1,11 @@
 import os
 import threading
+from typing import NoReturn
 
 import pytest
 import torch
+
+REQUIRE_JVM = "BEAM_INFER_REQUIRE_JVM"  # set to 1 (as .ci/run does): a JVM test that would skip fails instead
 
 
 def pytest_collection_modifyitems(config, items):
@@ -12,6 +15,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def skip_or_fail_jvm_test(reason: str) -> NoReturn:
+    """Skips a flink- or spark-marked test that cannot run here; fails it instead where REQUIRE_JVM=1 (CI)."""
+    if os.environ.get(REQUIRE_JVM) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_JVM}=1: the Flink and Spark tests must run, not skip)", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
 import threading
 import uuid
+from collections import Counter
 
 import fsspec
 import numpy as np
@@ -69,3 +73,29 @@ def number_task(model: nn.Module | None = None, name: str = "doubler") -> Infere
 def safe(n: int) -> list[float]:
     """n values that no failure switch reacts to."""
     return [100.0 + i for i in range(n)]
+
+
+def marking_processes(task: InferenceTask, directory: str) -> InferenceTask:
+    """`task`, leaving files in `directory` that tell which processes loaded its model and processed records.
+
+    Files, not Beam metrics, so that the test's process can count what worker processes did independently of
+    the DoFn's own counters: `load-<pid>-<uuid>` per model load, `rows-<pid>` once a process postprocessed.
+    """
+    return dataclasses.replace(task, load_model=functools.partial(_load_marked, task.load_model, directory),
+                               postprocess=functools.partial(_postprocess_marked, task.postprocess, directory))
+
+
+def _load_marked(load_model, directory: str):
+    open(os.path.join(directory, f"load-{os.getpid()}-{uuid.uuid4().hex}"), "x").close()
+    return load_model()
+
+
+def _postprocess_marked(postprocess, directory: str, outputs, record) -> dict:
+    open(os.path.join(directory, f"rows-{os.getpid()}"), "a").close()
+    return postprocess(outputs, record)
+
+
+def process_marks(directory: str) -> tuple[Counter[int], set[int]]:
+    """(model loads per process id, ids of the processes that postprocessed records) left by marking_processes."""
+    names = [n.split("-") for n in os.listdir(directory)]
+    return Counter(int(n[1]) for n in names if n[0] == "load"), {int(n[1]) for n in names if n[0] == "rows"}

@@ -1,12 +1,15 @@
 import os
 import pickle
 import threading
+from collections import Counter
+from types import SimpleNamespace
 
 import apache_beam as beam
 import numpy as np
 import pytest
 import torch
 from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import window
@@ -14,20 +17,23 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_infer import EngineConfig, InProcessDirectRunner, RunGpuInference, shapes_classifier
-from beam_infer.dofn import DEAD_LETTERS, METRICS_NAMESPACE, _GpuInferenceDoFn
+from beam_infer import dofn as dofn_module
+from beam_infer.dofn import DEAD_LETTERS, ENGINES, METRICS_NAMESPACE, _GpuInferenceDoFn
 from beam_infer.engine.engine import _LIVE_ENGINES
 from beam_infer.io.read import read_manifest
 from beam_infer.models.shapes_net import INPUT_SIZE, load_shapes_net
 from beam_infer.tasks.classify import decode_resize
+from pipelines.run import query_counters
 from tests.conftest import engine_threads, write_bad_files
-from tests.fakes import number_task, safe, write_numbers
+from tests.fakes import marking_processes, number_task, process_marks, safe, write_numbers
 
 pytestmark = pytest.mark.timeout(180)
 CPU = EngineConfig(device="cpu", batch_size=8)
 
 
 def pipeline(*flags):
-    return TestPipeline(runner=InProcessDirectRunner(), argv=list(flags))
+    # options=, not argv=: TestPipeline reads only --test-pipeline-options from argv and drops other flags.
+    return TestPipeline(runner=InProcessDirectRunner(), options=PipelineOptions(list(flags)))
 
 
 def run_bundles(dofn, elements, bundle_size):
@@ -52,6 +58,27 @@ def test_finish_bundle_drains_every_pending_element_of_its_bundle(bundle_size):
     for inputs, outputs in run_bundles(_GpuInferenceDoFn(number_task(), CPU), records, bundle_size):
         assert all(isinstance(o, WindowedValue) for o in outputs)
         assert sorted(o.value["id"] for o in outputs) == sorted(r["id"] for r in inputs)
+
+
+class _RecordedMetrics:
+    """Stands in for Beam's Metrics in a DoFn driven by hand (no runner, so no metrics context): sums counters."""
+
+    def __init__(self) -> None:
+        self.counters: Counter[str] = Counter()
+
+    def counter(self, namespace, name):
+        return SimpleNamespace(inc=lambda n=1: self.counters.update({name: n}))
+
+    def distribution(self, namespace, name):
+        return SimpleNamespace(update=lambda value: None)
+
+
+def test_the_dofn_that_built_the_engine_counts_it_once_however_many_bundles_it_runs(monkeypatch):
+    metrics = _RecordedMetrics()
+    monkeypatch.setattr(dofn_module, "Metrics", metrics)
+    bundles = run_bundles(_GpuInferenceDoFn(number_task(name="counted"), CPU), write_numbers(safe(20)), 3)
+    assert len(bundles) == 7 and metrics.counters["records"] == 20
+    assert metrics.counters[ENGINES] == 1
 
 
 def test_several_dofn_threads_feed_one_engine_and_each_bundle_gets_its_own_results():
@@ -98,11 +125,34 @@ def test_no_record_lost_or_duplicated_through_a_pipeline(sample_dir, flags):
         assert_that(out.dead_letters, equal_to([]), label="NoDeadLetters")
 
 
-def test_dofn_pickles_and_works_in_each_process_under_multi_processing(sample_dir):
+def run_counting_engines(sample_dir, marks_dir, *flags) -> dict[str, int]:
+    """Runs the shapes task over the sample with `flags`, its processes marking `marks_dir`; returns counters."""
     records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
-    with pipeline("--direct_running_mode=multi_processing", "--direct_num_workers=2") as p:
-        out = p | beam.Create(records) | beam.Reshuffle() | RunGpuInference(shapes_classifier(), CPU)
-        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+    task = marking_processes(shapes_classifier(), str(marks_dir))
+    p = pipeline(*flags)
+    out = p | beam.Create(records) | beam.Reshuffle() | RunGpuInference(task, CPU)
+    assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+    result = p.run()
+    result.wait_until_finish()
+    return query_counters(result)
+
+
+def test_dofn_threads_of_one_process_build_one_engine_and_count_it_once(sample_dir, tmp_path):
+    counters = run_counting_engines(sample_dir, tmp_path, "--direct_running_mode=multi_threading",
+                                    "--direct_num_workers=4")
+    loads, processed_in = process_marks(str(tmp_path))
+    assert loads == {os.getpid(): 1} and processed_in == {os.getpid()}
+    assert counters[ENGINES] == 1
+
+
+def test_multi_processing_builds_one_engine_per_worker_process_that_processed_records(sample_dir, tmp_path):
+    counters = run_counting_engines(sample_dir, tmp_path, "--direct_running_mode=multi_processing",
+                                    "--direct_num_workers=2")
+    loads, processed_in = process_marks(str(tmp_path))
+    assert os.getpid() not in processed_in  # the DoFn pickled and ran in worker processes
+    assert 1 <= len(processed_in) <= 2 and set(loads) == processed_in
+    assert set(loads.values()) == {1}  # never two model copies in one process
+    assert counters[ENGINES] == len(processed_in)
 
 
 def test_predictions_equal_a_plain_torch_loop(sample_dir):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -187,7 +188,8 @@ class Engine:
         self._batches = 0
         self._stats = _Stats()
         _LIVE_ENGINES.add(self)
-        _LOG.info("beam_infer engine started: model %s on %s (%s)", task.name, self.device, self.dtype)
+        _LOG.info("beam_infer engine started: model %s on %s (%s) in process %d", task.name, self.device,
+                  self.dtype, os.getpid())
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
