@@ -8,8 +8,11 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-_DEFAULT_DECODE_THREADS = max(1, _CORES - 1)  # below the core count: one core left for the Python glue and launches
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity; os.cpu_count() where that is unknown)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,8 @@ class EngineConfig:
         channels_last: convert the model to channels_last memory format (convolutional models on CUDA).
         compile: wrap the model in torch.compile.
         fetch_threads: concurrent reads (fsspec); I/O-bound, so more than the cores.
-        decode_threads: decode and preprocess threads; keep below the core count.
+        decode_threads: decode and preprocess threads; keep below the core count. 0 means the cores less one,
+            counted where the engine runs (a worker), not where the job was launched.
         postprocess_threads: postprocess threads.
         max_batch_wait_s: the longest a partial batch waits for more records.
         max_in_flight: records submitted and not yet returned, across all bundles; `submit` blocks beyond it.
@@ -38,7 +42,7 @@ class EngineConfig:
     channels_last: bool = False
     compile: bool = False
     fetch_threads: int = 16
-    decode_threads: int = _DEFAULT_DECODE_THREADS
+    decode_threads: int = 0
     postprocess_threads: int = 2
     max_batch_wait_s: float = 0.05
     max_in_flight: int = 0
@@ -46,7 +50,9 @@ class EngineConfig:
     trace_events: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "fetch_threads", "decode_threads", "postprocess_threads", "host_buffers"):
+        if self.decode_threads < 0:
+            raise ValueError(f"EngineConfig.decode_threads must be 0 (automatic) or more, got {self.decode_threads}")
+        for name in ("batch_size", "fetch_threads", "postprocess_threads", "host_buffers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight < 0:
@@ -72,6 +78,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         return _DTYPES[self.dtype]
+
+    @property
+    def decode_pool_size(self) -> int:
+        """decode_threads, with 0 resolved on this machine: one core is left for the Python glue and launches."""
+        return self.decode_threads or max(1, available_cores() - 1)
 
     @property
     def in_flight_limit(self) -> int:

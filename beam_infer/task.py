@@ -25,7 +25,9 @@ class InferenceTask:
             of tensors whose first dimension is the batch.
         preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool.
         postprocess: (tuple of per-record output rows as numpy, record) -> dict of output fields; runs in the
-            postprocess thread pool.
+            postprocess thread pool. The rows are views of reused (pinned) buffers, valid during the call: the
+            engine copies numpy arrays and tensors left in the returned value, but anything else that keeps
+            their memory (pa.array, Image.fromarray, memoryview) must copy first.
         device_preprocess: optional (list of CPU uint8 tensors, device) -> the model's input batch on the device.
             When set, `preprocess` may return 1-D uint8 arrays of any length (the encoded image, say), and the
             batch thread hands them over as a list instead of stacking them: decoding moves to the device (for

@@ -40,8 +40,13 @@ _NAMESPACE = "benchmarks"
 class Run:
     records: int
     seconds: float
-    steady_seconds: float
+    steady_start: float  # perf_counter when the first record started, and when the last one ended
+    steady_end: float
     busy_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steady_seconds(self) -> float:
+        return self.steady_end - self.steady_start
 
 
 class Clock:
@@ -63,9 +68,6 @@ class Clock:
         with self._lock:
             self.last = now if self.last is None else max(self.last, now)
 
-    @property
-    def seconds(self) -> float:
-        return (self.last or 0.0) - (self.first or 0.0)
 
 
 _CLOCKS: dict[str, Clock] = {}  # by run id: Beam pickles the DoFns, so they find their clock by name
@@ -126,8 +128,8 @@ def naive(task: InferenceTask, config: EngineConfig, records: list[Record]) -> R
             host = step("d2h", _to_host, outs)
             step("postprocess", _postprocess_all, task, host, batch)
             done += len(batch)
-    seconds = time.perf_counter() - start
-    return Run(done, seconds, seconds, dict(busy))
+    end = time.perf_counter()
+    return Run(done, end - start, start, end, dict(busy))
 
 
 def _fetch_all(records: list[Record]) -> list[bytes]:
@@ -219,7 +221,7 @@ def runinference(task: InferenceTask, config: EngineConfig, manifest: str, outpu
     seconds = time.perf_counter() - start
     counters = result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]
     records = sum(c.committed or c.attempted or 0 for c in counters if c.key.metric.name == "records")
-    return Run(records, seconds, clock.seconds)
+    return Run(records, seconds, clock.first or 0.0, clock.last or 0.0)
 
 
 # ---- beam_infer ---------------------------------------------------------------------------------------
@@ -235,4 +237,4 @@ def beam_infer(task: InferenceTask, config: EngineConfig, manifest: str, output:
     summary = run_job(PipelineOptions([]), manifest, timed, config, output)
     busy = {name.removeprefix("busy_us_"): us / 1e6 for name, us in summary.counters.items()
             if name.startswith("busy_us_")}
-    return Run(summary.get("predictions"), summary.seconds, clock.seconds, busy)
+    return Run(summary.get("predictions"), summary.seconds, clock.first or 0.0, clock.last or 0.0, busy)

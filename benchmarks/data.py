@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 _SEED = 20261127
+_VERSION = "v2"  # bump when the generator changes, so no cache of older files is read as the new ones
 _JPEG_QUALITY = 90
 _GRAIN_MARGIN = 64
 
@@ -66,7 +67,7 @@ def dataset(kind: str, width: int, height: int, count: int) -> str:
     The manifest lists one record per file: {"id": "img-00000", "uri": "/abs/path/00000.jpg"}.
     """
     write, suffix = _WRITERS[kind]
-    folder = os.path.join(cache_root(), f"{kind}-{width}x{height}-{count}")
+    folder = os.path.join(cache_root(), f"{_VERSION}-{kind}-{width}x{height}-{count}")
     manifest = os.path.join(folder, "manifest.jsonl")
     if os.path.exists(manifest):
         return manifest

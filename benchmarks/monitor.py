@@ -1,9 +1,10 @@
-"""Samples what a competitor costs while it runs: GPU utilisation (NVML), peak host RSS, peak GPU memory."""
+"""Samples what a competitor costs while it runs: GPU utilisation (NVML through torch), host RSS, GPU memory."""
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,43 +18,44 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * _PAGE
 
 
-def _nvml_handle(device: torch.device):
-    """An NVML handle for `device`, or None without CUDA or without nvidia-ml-py."""
+def _gpu_util(device: torch.device):
+    """A function returning the device's utilisation in %, or None without CUDA or without nvidia-ml-py."""
     if device.type != "cuda":
         return None
     try:
-        import pynvml
-    except ImportError:
+        torch.cuda.utilization(device)  # nvidia-ml-py, with CUDA_VISIBLE_DEVICES mapped to NVML's indices
+    except Exception:  # noqa: BLE001 - no NVML (or MIG, where it reports no utilisation): none measured
         return None
-    pynvml.nvmlInit()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+    return lambda: torch.cuda.utilization(device)
 
 
 @dataclass
 class Usage:
     gpu_util_pct: float | None
     peak_rss_mb: float
+    rss_growth_mb: float
     peak_gpu_mem_mb: float | None
 
 
 class Monitor:
-    """`with Monitor(device) as m: ...` then `m.usage`: mean GPU utilisation over the block, peaks of memory."""
+    """`with Monitor(device) as m: ...` then `m.usage_between(t0, t1)`: mean GPU utilisation over [t0, t1]
+    (time.perf_counter), peak and growth of host RSS over the block, peak GPU memory allocated during it."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._handle = _nvml_handle(device)
+        self._util = _gpu_util(device)
         self._stop = threading.Event()
-        self._utils: list[int] = []
+        self._samples: list[tuple[float, float]] = []  # (perf_counter, utilisation %)
         self._peak_rss = 0
-        self.usage: Usage | None = None
 
     def _sample(self) -> None:
         while True:
             self._peak_rss = max(self._peak_rss, rss_bytes())
-            if self._handle is not None:
-                import pynvml
-                self._utils.append(pynvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            if self._util is not None:
+                try:
+                    self._samples.append((time.perf_counter(), self._util()))
+                except Exception:  # noqa: BLE001 - stop sampling the GPU, keep sampling memory
+                    self._util = None
             if self._stop.wait(_SAMPLE_S):
                 return
 
@@ -61,6 +63,8 @@ class Monitor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._gpu_base = torch.cuda.memory_allocated(self.device)
+        self._rss_base = rss_bytes()
         self._thread = threading.Thread(target=self._sample, name="bench-monitor", daemon=True)
         self._thread.start()
         return self
@@ -69,11 +73,14 @@ class Monitor:
         self._stop.set()
         self._thread.join()
         self._peak_rss = max(self._peak_rss, rss_bytes())
-        gpu_mem = None
+        self._gpu_peak = None
         if self.device.type == "cuda":
-            gpu_mem = torch.cuda.max_memory_allocated(self.device) / 2**20
-        util = sum(self._utils) / len(self._utils) if self._utils else None
-        self.usage = Usage(util, self._peak_rss / 2**20, gpu_mem)
+            self._gpu_peak = (torch.cuda.max_memory_allocated(self.device) - self._gpu_base) / 2**20
+
+    def usage_between(self, start: float, end: float) -> Usage:
+        utils = [u for t, u in self._samples if start <= t <= end]
+        return Usage(sum(utils) / len(utils) if utils else None, self._peak_rss / 2**20,
+                     (self._peak_rss - self._rss_base) / 2**20, self._gpu_peak)
 
 
 def describe_device(device: torch.device) -> str:

@@ -7,17 +7,19 @@ DirectRunner:
     beam_only   Read → Reshuffle → ParDo(fetch → preprocess → postprocess, one record at a time) → the writes
     beam_infer  `pipelines.run.run_job`: Read → Reshuffle → RunGpuInference → the same writes
 Both do the task's per-record work; the difference, divided by the records, is what the engine adds: its
-thread hand-offs, batching and bookkeeping. Each pipeline runs `repeats` times, alternating; the best of each
-is kept (the least disturbed by the rest of the machine).
+thread hand-offs, batching and bookkeeping. Each pipeline runs once to warm up (imports, first-call costs),
+then `repeats` times, alternating; the medians are compared.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -65,6 +67,12 @@ class _PerRecord(beam.DoFn):
         yield {**record, "id": record_id(record), "model": NOOP_TASK.name, **NOOP_TASK.postprocess((array,), record)}
 
 
+def written_rows(output: str) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in glob.glob(f"{output}/predictions-*.parquet"))
+
+
 def beam_only(manifest: str, output: str) -> float:
     start = time.perf_counter()
     with beam.Pipeline(runner=InProcessDirectRunner(), options=PipelineOptions([])) as pipeline:
@@ -87,33 +95,51 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     manifest = dataset("number", 1, 1, args.items)
     config = EngineConfig(batch_size=args.batch_size, device="cpu")
-    times: dict[str, list[float]] = {"beam_only": [], "beam_infer": []}
+    rows: dict[str, set[int]] = {"beam_only": set(), "beam_infer": set()}
+
+    def once(name: str) -> tuple[float, float]:
+        """(wall seconds, CPU seconds of every thread of the process) of one run."""
+        output = tempfile.mkdtemp(prefix="beam_infer_overhead_")
+        cpu = time.process_time()
+        try:
+            wall = beam_only(manifest, output) if name == "beam_only" else with_engine(manifest, output, config)
+            cpu = time.process_time() - cpu
+            rows[name].add(written_rows(output))
+            return wall, cpu
+        finally:
+            shutil.rmtree(output, ignore_errors=True)
+
+    runs: dict[str, list[tuple[float, float]]] = {"beam_only": [], "beam_infer": []}
+    for name in runs:
+        once(name)  # warm-up, not counted
     for _ in range(args.repeats):
-        for name in times:
-            output = tempfile.mkdtemp(prefix="beam_infer_overhead_")
-            try:
-                times[name].append(beam_only(manifest, output) if name == "beam_only"
-                                   else with_engine(manifest, output, config))
-            finally:
-                shutil.rmtree(output, ignore_errors=True)
-    best = {name: min(ts) for name, ts in times.items()}
-    per_record_us = (best["beam_infer"] - best["beam_only"]) / args.items * 1e6
+        for name in runs:
+            runs[name].append(once(name))
+    times = {name: [wall for wall, _ in rs] for name, rs in runs.items()}
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu = {name: statistics.median(c for _, c in rs) for name, rs in runs.items()}
+    per_record_us = (median["beam_infer"] - median["beam_only"]) / args.items * 1e6
+    cpu_per_record_us = (cpu["beam_infer"] - cpu["beam_only"]) / args.items * 1e6
     result = {
         "device": describe_device(torch.device("cpu")), "date": datetime.date.today().isoformat(),
         "commit": git_commit(), "scenario": "overhead", "items": args.items, "batch_size": args.batch_size,
+        "rows_written": {name: sorted(counts) for name, counts in rows.items()},
         "seconds": {name: [round(t, 3) for t in ts] for name, ts in times.items()},
-        "beam_us_per_record": round(best["beam_only"] / args.items * 1e6, 1),
+        "beam_us_per_record": round(median["beam_only"] / args.items * 1e6, 1),
         "beam_infer_extra_us_per_record": round(per_record_us, 1),
+        "cpu_seconds": {name: [round(c, 3) for _, c in rs] for name, rs in runs.items()},
+        "beam_infer_extra_cpu_us_per_record": round(cpu_per_record_us, 1),
     }
-    print(f"overhead on {result['device']} ({result['date']}): {args.items} records, best of {args.repeats}: "
-          f"Beam alone {best['beam_only']:.2f}s ({result['beam_us_per_record']} µs/record), with beam_infer's "
-          f"engine {best['beam_infer']:.2f}s: the engine adds {per_record_us:.1f} µs per record")
+    print(f"overhead on {result['device']} ({result['date']}): {args.items} records, median of {args.repeats}: "
+          f"Beam alone {median['beam_only']:.2f}s ({result['beam_us_per_record']} µs/record), with beam_infer's "
+          f"engine {median['beam_infer']:.2f}s: the engine adds {per_record_us:.1f} µs per record of wall time "
+          f"({cpu_per_record_us:.1f} µs of CPU time, all threads)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -5,7 +5,9 @@
 
 Throughput is given twice: end to end (wall time, with Beam's start-up and the Parquet writes for the Beam
 competitors) and steady (first record decoded to last record postprocessed). The ratio to the bound uses the
-steady figure, as the bounds are steady figures too. Scenarios are in benchmarks/scenarios.py.
+steady figure, as the bounds are steady figures too, and GPU utilisation is averaged over the same steady
+window. Memory: peak RSS of the process, its growth during the competitor, and peak GPU memory allocated by
+torch during the competitor (nvJPEG's own buffers are not in it). Scenarios are in benchmarks/scenarios.py.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import torch
 
 from beam_infer import EngineConfig
+from beam_infer.config import available_cores
 from beam_infer.engine import load_on_device
 from beam_infer.io.fetch import fetch_bytes
 from benchmarks import bounds, competitors
@@ -75,7 +78,7 @@ def measure_bounds(scenario: Scenario, config: EngineConfig, manifest: str, outp
     out = {"forward_only": bounds.forward_only(model, batch, steps)}
     del model, batch
     if scenario.bound == "cpu_decode_or_forward":
-        out["cpu_decode"] = bounds.cpu_decode(task, payloads, records, config.decode_threads)
+        out["cpu_decode"] = bounds.cpu_decode(task, payloads, records, available_cores())
     if task.device_preprocess is not None:
         out["device_decode"] = bounds.device_decode(task, payloads, records, device, config.batch_size)
     if device.type == "cuda":
@@ -125,7 +128,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             with Monitor(device) as monitor:
                 run = run_competitor(name, scenario, config, manifest if name == "beam_infer" else slow_manifest,
                                      output)
-            usage = monitor.usage
+            usage = monitor.usage_between(run.steady_start, run.steady_end)
             steady = run.records / run.steady_seconds if run.steady_seconds > 0 else 0.0
             rows.append({
                 "name": name, "records": run.records, "seconds": round(run.seconds, 3),
@@ -133,8 +136,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "steady_records_per_s": round(steady, 1), "ratio_to_bound": round(steady / bound, 3),
                 "gpu_util_pct": None if usage.gpu_util_pct is None else round(usage.gpu_util_pct, 1),
                 "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
-                "peak_rss_mb": round(usage.peak_rss_mb), "peak_gpu_mem_mb":
-                    None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
+                "peak_rss_mb": round(usage.peak_rss_mb), "rss_growth_mb": round(usage.rss_growth_mb),
+                "peak_gpu_mem_mb": None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
             })
             shutil.rmtree(output, ignore_errors=True)
     finally:
@@ -142,6 +145,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "device": describe_device(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
         "scenario": scenario.name, "items": items, "batch_size": config.batch_size,
+        "decode_threads": config.decode_pool_size, "cores": available_cores(),
         "dtype": str(config.torch_dtype(device)).removeprefix("torch."), "image": list(scenario.data),
         "torch": torch.__version__, "bounds": {k: round(v, 1) for k, v in measured.items()},
         "bound": {"name": bound_name, "records_per_s": round(bound, 1)}, "competitors": rows,

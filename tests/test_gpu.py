@@ -94,3 +94,19 @@ def test_an_output_row_kept_by_postprocess_is_not_overwritten_when_its_pinned_bu
     results = _predict(engine, records)
     engine.release()
     assert sorted(float(r.value["row"][0]) for r in results.values()) == [2 * v for v in safe(40)]
+
+
+def test_nvjpeg_batch_with_a_corrupt_jpeg_dead_letters_it_and_predicts_the_rest_like_the_cpu(sample_dir):
+    from tests.conftest import write_bad_files
+
+    corrupt, _ = write_bad_files(sample_dir)
+    records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
+    cpu = Engine(shapes_classifier(), EngineConfig(device="cpu", batch_size=64)).retain()
+    gpu = Engine(shapes_classifier(decode="device"), EngineConfig(device="cuda", batch_size=64)).retain()
+    a = _predict(cpu, records)
+    b = _predict(gpu, records + [{"id": "corrupt", "uri": corrupt}])  # one batch: bisected on the GPU
+    cpu.release()
+    gpu.release()
+    assert b["corrupt"].failure is not None and b["corrupt"].failure.stage == "device_preprocess"
+    agree = sum(a[k].value["top_labels"][0] == b[k].value["top_labels"][0] for k in a)
+    assert agree >= len(a) - 2

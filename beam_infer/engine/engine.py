@@ -66,26 +66,42 @@ class Result:
 
 class _Stats:
     """Host seconds per stage (summed over threads) and batch sizes, added by the stage threads and taken, as
-    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals."""
+    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals.
+
+    Each thread adds to running totals of its own (no lock on the per-record path); `take` hands out what the
+    totals grew by since the last take.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._busy: dict[str, float] = {}
-        self._batch_sizes: list[int] = []
+        self._lock = threading.Lock()  # registering a thread's totals, and take()
+        self._local = threading.local()
+        self._totals: list[dict[str, float]] = []  # one per thread; only that thread writes it
+        self._taken: dict[str, float] = {}
+        self._batch_sizes: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def busy(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self._busy[stage] = self._busy.get(stage, 0.0) + seconds
+        totals = getattr(self._local, "totals", None)
+        if totals is None:
+            totals = self._local.totals = {}
+            with self._lock:
+                self._totals.append(totals)
+        totals[stage] = totals.get(stage, 0.0) + seconds
 
     def batch(self, size: int) -> None:
-        with self._lock:
-            self._batch_sizes.append(size)
+        self._batch_sizes.put(size)
 
     def take(self) -> tuple[dict[str, float], list[int]]:
         with self._lock:
-            out = self._busy, self._batch_sizes
-            self._busy, self._batch_sizes = {}, []
-        return out
+            now: dict[str, float] = {}
+            for totals in self._totals:
+                for stage, seconds in list(totals.items()):  # one C call: a consistent snapshot under the GIL
+                    now[stage] = now.get(stage, 0.0) + seconds
+            busy = {stage: seconds - self._taken.get(stage, 0.0) for stage, seconds in now.items()}
+            self._taken = now
+        sizes = []
+        while not self._batch_sizes.empty():
+            sizes.append(self._batch_sizes.get())
+        return {stage: seconds for stage, seconds in busy.items() if seconds > 0}, sizes
 
 
 @dataclass
@@ -93,6 +109,7 @@ class _Item:
     result: Result
     outbox: queue.SimpleQueue
     array: np.ndarray | None = None
+    done: bool = False
 
 
 @dataclass
@@ -186,6 +203,7 @@ class Engine:
         self._running = False
         self._error: BaseException | None = None
         self._batches = 0
+        self._last_h2d_done: torch.cuda.Event | None = None
         self._stats = _Stats()
         _LIVE_ENGINES.add(self)
         _LOG.info("beam_infer engine started: model %s on %s (%s) in process %d", task.name, self.device,
@@ -238,7 +256,7 @@ class Engine:
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._to_unload: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._fetch_pool = Workers("beam_infer-fetch", c.fetch_threads, self._fail)
-        self._decode_pool = Workers("beam_infer-decode", c.decode_threads, self._fail)
+        self._decode_pool = Workers("beam_infer-decode", c.decode_pool_size, self._fail)
         self._post_pool = Workers("beam_infer-post", c.postprocess_threads, self._fail)
         self._threads = [
             threading.Thread(target=self._batch_thread, name="beam_infer-batch", daemon=True),
@@ -314,6 +332,7 @@ class Engine:
     def _finish(self, item: _Item, *, value: dict[str, Any] | None = None, failure: Failure | None = None) -> None:
         item.result.value, item.result.failure = value, failure
         item.array = None
+        item.done = True
         item.outbox.put(item.result)
         self._room.put(None)
 
@@ -350,23 +369,33 @@ class Engine:
             outbox.put(_STOP)
 
     def _batch_thread(self) -> None:
+        try:
+            self._batch_loop()
+        except BaseException as e:  # noqa: BLE001 - a bug here: waiting bundles raise instead of hanging
+            self._fail(e)
+        finally:
+            self._to_forward.put(_STOP)
+
+    def _batch_loop(self) -> None:
         """Batches ready records by size, by age, or when a draining bundle waits on nothing else."""
         batcher: Batcher[_Item] = Batcher(self.config.batch_size, self.config.max_batch_wait_s)
         while True:
             try:
-                msg = self._ready.get(timeout=batcher.time_left())
+                msgs = [self._ready.get(timeout=batcher.time_left())]
             except queue.Empty:
-                msg = None  # the open batch is due by age
-            if msg is _STOP:
-                self._guard(self._launch, batcher.take())
-                break
-            if msg is None:
-                self._guard(self._launch, batcher.take())
-            elif msg is not _WAKE:
-                self._guard(self._launch, batcher.add(msg))
+                msgs = [None]  # the open batch is due by age
+            while len(msgs) < self.config.batch_size and not self._ready.empty():
+                msgs.append(self._ready.get())  # whatever else is ready: one wake-up per burst, not per record
+            for msg in msgs:
+                if msg is _STOP:  # the last message: the pools upstream have stopped
+                    self._guard(self._launch, batcher.take())
+                    return
+                if msg is None:
+                    self._guard(self._launch, batcher.take())
+                elif msg is not _WAKE and (batch := batcher.add(msg)):
+                    self._guard(self._launch, batch)
             if len(batcher) and self._nothing_more_for_draining():
                 self._guard(self._launch, batcher.take())
-        self._to_forward.put(_STOP)
 
     def _nothing_more_for_draining(self) -> bool:
         with self._lock:
@@ -380,13 +409,17 @@ class Engine:
         self._batches += 1
         s = self.streams
         start = s.record(s.h2d) if self.config.trace_events else None
-        if self.task.device_preprocess is None:
-            good, lease, device_input = self._collate_and_copy(items)
-            stage = "h2d"
-        else:
-            good, lease, device_input = self._preprocess_on_device(items)
-            stage = "device_preprocess"
-        h2d_done = s.record(s.h2d)
+        try:
+            if self.task.device_preprocess is None:
+                good, lease, device_input = self._collate_and_copy(items)
+                stage = "h2d"
+            else:
+                good, lease, device_input = self._preprocess_on_device(items)
+                stage = "device_preprocess"
+        except Exception as e:  # noqa: BLE001 - not one record's fault: the batch's records fail, the engine goes on
+            self._fail_batch(items, "collate" if self.task.device_preprocess is None else "device_preprocess", e)
+            return
+        h2d_done = self._last_h2d_done = s.record(s.h2d)
         if start is not None:
             self.trace.append((number, stage, start, h2d_done))
         if good:
@@ -408,10 +441,14 @@ class Engine:
         waited = time.perf_counter()
         lease = self.input_buffers.acquire((len(good), *shape), torch.from_numpy(np.empty(0, dtype)).dtype)
         waited = time.perf_counter() - waited  # backpressure: every buffer still in use; not collate's work
-        np.stack([item.array for item in good], out=lease.tensor.numpy())
-        t1 = time.perf_counter()
-        with self.streams.on(self.streams.h2d):
-            device_input = lease.tensor.to(self.device, non_blocking=True)
+        try:
+            np.stack([item.array for item in good], out=lease.tensor.numpy())
+            t1 = time.perf_counter()
+            with self.streams.on(self.streams.h2d):
+                device_input = lease.tensor.to(self.device, non_blocking=True)
+        except BaseException:
+            lease.release()
+            raise
         self._stats.busy("collate", t1 - t0 - waited)
         self._stats.busy("h2d", time.perf_counter() - t1)
         return good, lease, device_input
@@ -422,18 +459,34 @@ class Engine:
         preprocess = self.task.device_preprocess
         chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
         failures: list[tuple[int, Failure]] = []
+        # A device decoder may write from a stream of its own (torchvision's nvJPEG does) into memory that the
+        # caching allocator freed on the H2D stream: the previous batch's work there must be over first.
+        self.streams.synchronize(self._last_h2d_done)
         with self.streams.on(self.streams.h2d):
             self._bisect(lambda xs: (preprocess(xs, self.device),), [torch.from_numpy(item.array) for item in items],
                          0, len(items), "device_preprocess", chunks, failures)
+            device_input = _concat(chunks)[0] if chunks else None  # on the H2D stream, which h2d_done covers
         for index, failure in failures:
             self._finish(items[index], failure=failure)
         good = [items[i] for a, b, _ in chunks for i in range(a, b)]
-        device_input = _concat(chunks)[0] if chunks else None
         self._stats.busy("device_preprocess", time.perf_counter() - t0)
         return good, None, device_input
 
     def _forward(self, batch: _Batch) -> None:
         """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
+        try:
+            self._forward_and_copy_out(batch)
+        except Exception as e:  # noqa: BLE001 - outside any one record (joining outputs, a copy): the batch fails
+            for lease in batch.out_leases:
+                lease.release()
+            self._fail_batch(batch.items, "forward", e)
+            return
+        finally:
+            if batch.lease is not None:
+                batch.lease.release(fence=batch.h2d_done)  # on CPU the forward already read it
+        self._to_unload.put(batch)
+
+    def _forward_and_copy_out(self, batch: _Batch) -> None:
         s = self.streams
         t0 = time.perf_counter()
         s.wait(s.compute, batch.h2d_done)
@@ -443,6 +496,8 @@ class Engine:
         with s.on(s.compute), torch.inference_mode():
             s.keep_for(batch.device_input, s.compute)
             self._bisect(self.model, batch.device_input, 0, len(batch.items), "forward", chunks, failures)
+            for index, failure in failures:
+                self._finish(batch.items[index], failure=failure)
             batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
             outputs = _concat(chunks)
             if not s.cuda:  # an output that is a view of the input would see the next batch collated into it
@@ -450,11 +505,7 @@ class Engine:
         forward_done = s.record(s.compute)
         if start is not None:
             self.trace.append((batch.number, "forward", start, forward_done))
-        if batch.lease is not None:
-            batch.lease.release(fence=batch.h2d_done)  # on CPU the forward above already read it
         t1 = time.perf_counter()
-        for index, failure in failures:
-            self._finish(batch.items[index], failure=failure)
         if s.cuda and outputs:
             if self.output_buffers is None or self._outputs_per_batch < len(outputs):
                 self._outputs_per_batch = len(outputs)
@@ -465,14 +516,21 @@ class Engine:
                 for out in outputs:
                     s.keep_for(out, s.d2h)
                     lease = self.output_buffers.acquire(out.shape, out.dtype)
-                    lease.tensor.copy_(out, non_blocking=True)
                     batch.out_leases.append(lease)
+                    lease.tensor.copy_(out, non_blocking=True)
                     copies.append(lease.tensor)
                 outputs = tuple(copies)
             batch.d2h_done = s.record(s.d2h)
         batch.outputs = outputs
         self._stats.busy("forward", t1 - t0)
-        self._to_unload.put(batch)
+
+    def _fail_batch(self, items: list[_Item], stage: str, error: BaseException) -> None:
+        """A batch-level error that no record alone caused: each of the batch's records not yet finished fails."""
+        _LOG.warning("beam_infer: a batch of %d records failed in %s: %r", len(items), stage, error)
+        failure = Failure.of(stage, error)
+        for item in items:
+            if not item.done:
+                self._finish(item, failure=failure)
 
     def _bisect(self, fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
                 chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]], failures: list[tuple[int, Failure]]) -> None:
@@ -503,10 +561,16 @@ class Engine:
         every postprocess call of the batch has returned.
         """
         t0 = time.perf_counter()
-        self.streams.synchronize(batch.d2h_done)
-        arrays = [as_numpy(out) for out in batch.outputs]
-        self._stats.busy("d2h", time.perf_counter() - t0)
         items = [batch.items[i] for i in batch.rows]
+        try:
+            self.streams.synchronize(batch.d2h_done)
+            arrays = [as_numpy(out) for out in batch.outputs]
+        except Exception as e:  # noqa: BLE001 - the batch's records fail, the engine goes on
+            for lease in batch.out_leases:
+                lease.release()
+            self._fail_batch(items, "d2h", e)
+            return
+        self._stats.busy("d2h", time.perf_counter() - t0)
         self._stats.batch(len(batch.items))
         step = max(1, -(-len(items) // self.config.postprocess_threads))
         spans = [(lo, min(lo + step, len(items))) for lo in range(0, len(items), step)]
@@ -541,12 +605,21 @@ class _ReleaseAfter:
         if calls == 0:
             self._release()
 
-    def detach(self, value: dict[str, Any], arrays: list[np.ndarray]) -> dict[str, Any]:
-        """Copies any array in `value` that is a view of a pinned buffer, which is about to be reused."""
-        if self._leases and isinstance(value, dict):
-            for key, v in value.items():
-                if isinstance(v, np.ndarray) and any(np.may_share_memory(v, a) for a in arrays):
-                    value[key] = v.copy()
+    def detach(self, value: Any, arrays: list[np.ndarray]) -> Any:
+        """`value` with any array or tensor in it (in dicts, lists and tuples too) that views a pinned buffer,
+        about to be reused, replaced by a copy. Other zero-copy wrappers (pyarrow, PIL, memoryview) are the
+        postprocess's to avoid: see InferenceTask.postprocess."""
+        if not self._leases:
+            return value
+        if isinstance(value, dict):
+            return {k: self.detach(v, arrays) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.detach(v, arrays) for v in value)
+        if isinstance(value, np.ndarray) and any(np.may_share_memory(value, a) for a in arrays):
+            return value.copy()
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and any(
+                np.may_share_memory(value.numpy(), a) for a in arrays):
+            return value.clone()
         return value
 
     def done(self) -> None:

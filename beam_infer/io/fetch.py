@@ -3,6 +3,8 @@ http(s)://, memory://)."""
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 
 
@@ -13,7 +15,7 @@ def fetch_bytes(uri: str) -> bytes:
         FileNotFoundError, PermissionError, OSError: the URI cannot be read.
     """
     if "://" not in uri:  # a local path: open() costs a fifth of fsspec's URL handling (≈10 vs ≈50 µs)
-        with open(uri, "rb") as f:
+        with open(os.path.expanduser(uri), "rb") as f:
             return f.read()
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)

@@ -8,6 +8,7 @@ PIL reads; outputs are written as `<output_dir>/<id>.npy` or `.png` through fssp
 from __future__ import annotations
 
 import io
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,10 +31,10 @@ class UInt8ImageToImage(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.register_buffer("_dtype", torch.zeros(()), persistent=False)  # follows the engine's .to(dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.model.parameters()).dtype
-        x = images.permute(0, 3, 1, 2).to(dtype) / 255  # channels_last strides, no copy
+        x = images.permute(0, 3, 1, 2).to(self._dtype.dtype) / 255  # channels_last strides, no copy
         y = self.model(x)
         return (y.float() * 255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
@@ -95,7 +96,7 @@ class _Write:
 
     def __call__(self, outputs: tuple[np.ndarray, ...], record: Mapping[str, Any]) -> dict[str, Any]:
         parts = encode_image(outputs[0], self.fmt)
-        name = record_id(record).replace("/", "_").replace(":", "_")
+        name = urllib.parse.quote(record_id(record), safe="")  # one file per id: "a/b" and "a_b" stay apart
         uri = f"{self.output_dir}/{name}.{self.fmt}"
         with open(uri, "wb") if "://" not in uri else fsspec.open(uri, "wb") as f:
             for part in parts:

@@ -24,7 +24,7 @@ def _check(result, items):
     assert [c["records"] for c in result["competitors"]] == [items] * 3
     for c in result["competitors"]:
         assert c["records_per_s"] > 0 and c["steady_records_per_s"] > 0 and c["ratio_to_bound"] > 0
-        assert c["peak_rss_mb"] > 0 and c["gpu_util_pct"] is None  # no GPU here
+        assert c["peak_rss_mb"] > 0 and c["gpu_util_pct"] is None and c["peak_gpu_mem_mb"] is None  # no GPU
     assert all(v > 0 for v in result["bounds"].values())
     assert result["bound"]["name"] in result["bounds"] or result["bound"]["name"] == "decode_and_forward"
 
@@ -55,4 +55,5 @@ def test_img2img_from_the_command_line_writes_the_json_with_every_competitor(tmp
 def test_overhead_measures_both_pipelines_over_the_same_records():
     result = overhead.main(["--items", "300", "--repeats", "1"])
     assert len(result["seconds"]["beam_only"]) == len(result["seconds"]["beam_infer"]) == 1
+    assert result["rows_written"] == {"beam_only": [300], "beam_infer": [300]}  # every run wrote every record
     assert result["beam_us_per_record"] > 0 and isinstance(result["beam_infer_extra_us_per_record"], float)

@@ -35,35 +35,36 @@ def test_every_record_comes_back_once_with_its_value():
 
 
 class _Identity(torch.nn.Module):
-    """Returns its input itself: the output is a view of the engine's reused input buffer."""
+    """Returns its input itself (a view of the engine's reused input buffer); `second_batch` is set once the
+    second batch has been collated into that buffer and run."""
 
     def __init__(self):
         super().__init__()
         self.unused = torch.nn.Parameter(torch.zeros(()))
+        self.calls = 0
+        self.second_batch = threading.Event()
 
     def forward(self, x):
+        self.calls += 1
+        if self.calls == 2:
+            self.second_batch.set()
         return x
 
 
 def test_an_output_that_is_the_input_itself_is_not_overwritten_by_the_next_batch():
-    gate = threading.Event()
-    task = number_task(_Identity())
-    slow_post = task.postprocess
-
-    def postprocess(outputs, record):  # hold the first batch's rows until later batches were collated
-        gate.wait(timeout=10)
-        return slow_post(outputs, record)
-
     import dataclasses
+
+    model = _Identity()
+    task = number_task(model)
+
+    def postprocess(outputs, record):  # reads the first batch's rows only after the second batch reused the buffer
+        assert model.second_batch.wait(timeout=20)
+        return task.postprocess(outputs, record)
+
     engine = Engine(dataclasses.replace(task, postprocess=postprocess),
                     EngineConfig(device="cpu", batch_size=2, host_buffers=1, postprocess_threads=1,
-                                 max_in_flight=12)).retain()
-    records = write_numbers(safe(12))
-    bundle = engine.open_bundle()
-    for r in records:
-        bundle.submit(r)
-    gate.set()
-    out = list(bundle.drain())
+                                 max_in_flight=12, max_batch_wait_s=10.0)).retain()
+    out = run_all(engine, write_numbers(safe(12)))
     engine.release()
     assert sorted((r.record["value"], r.value["doubled"]) for r in out) == [(v, v) for v in safe(12)]
 
@@ -143,7 +144,7 @@ def test_submit_blocks_when_the_engine_is_full():
 
 def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it():
     engine = make_engine(batch_size=2)
-    engine._bisect = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
+    engine._postprocess = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
     bundle = engine.open_bundle()
     for r in write_numbers([1, 2]):
         bundle.submit(r)
@@ -202,3 +203,27 @@ def test_a_model_output_without_the_batch_dimension_fails_its_records_in_forward
     engine.release()
     assert [r.failure.stage for r in out] == ["forward"] * 4
     assert "first dimension" in out[0].failure.message
+
+
+class _Ragged(torch.nn.Module):
+    """Pads its output to the largest value in the batch: halves of a bisected batch cannot be joined again."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        if (x == POISON_FORWARD).any():
+            raise ValueError("poisoned forward")
+        return torch.zeros(len(x), int(x.max()) % 7 + 1)
+
+
+def test_a_batch_level_error_fails_that_batchs_records_and_the_engine_goes_on():
+    engine = make_engine(_Ragged(), batch_size=8, host_buffers=1, max_batch_wait_s=10.0)
+    values = [100.0, 101.0, 102.0, POISON_FORWARD, 103.0, 104.0, 105.0, 106.0]  # one batch, bisected, ragged halves
+    first = run_all(engine, write_numbers(values))
+    second = run_all(engine, write_numbers([110.0] * 8))  # the single input buffer came back
+    engine.release()
+    assert len(first) == 8 and all(r.failure is not None and r.failure.stage == "forward" for r in first)
+    assert len(second) == 8
+    assert engine_threads() == []

@@ -42,7 +42,7 @@ def test_each_output_image_is_written_where_its_row_says(tmp_path, fmt):
     results = _run(image_to_image("invert", _Invert, str(out), image_size=32, output_format=fmt), records)
     for i, image in enumerate(images):
         value = results[f"im/{i}"].value
-        assert value["output_uri"] == f"{out}/im_{i}.{fmt}"
+        assert value["output_uri"] == f"{out}/im%2F{i}.{fmt}"
         data = open(value["output_uri"], "rb").read()
         assert value["output_bytes"] == len(data)
         written = np.load(value["output_uri"]) if fmt == "npy" else np.asarray(Image.open(value["output_uri"]))
