@@ -296,9 +296,13 @@ class Engine:
         self._raise_if_failed()
         with self._lock:
             self._upstream += 1
-        self._fetch_pool.submit(self._fetch, item)
+        uri = item.result.record["uri"]
+        if isinstance(uri, str) and "://" not in uri:
+            self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
+        else:
+            self._fetch_pool.submit(self._fetch, item, False)
 
-    def _fetch(self, item: _Item) -> None:
+    def _fetch(self, item: _Item, in_decode_pool: bool) -> None:
         t0 = time.perf_counter()
         try:
             data = fetch_bytes(item.result.record["uri"])
@@ -306,7 +310,10 @@ class Engine:
             self._leave_upstream(item, Failure.of("fetch", e))
             return
         self._stats.busy("fetch", time.perf_counter() - t0)
-        self._decode_pool.submit(self._preprocess, item, data)
+        if in_decode_pool:
+            self._preprocess(item, data)
+        else:
+            self._decode_pool.submit(self._preprocess, item, data)
 
     def _preprocess(self, item: _Item, data: bytes) -> None:
         t0 = time.perf_counter()
