@@ -104,6 +104,28 @@ class _Stats:
         return {stage: seconds for stage, seconds in busy.items() if seconds > 0}, sizes
 
 
+class _Tally:
+    """A count that many threads add to without a lock: each thread adds to a cell of its own, `value` sums them.
+    A contended lock per record costs more than the rest of the record's bookkeeping."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._cells: list[list[int]] = []
+        self._lock = threading.Lock()  # only for a thread's first add
+
+    def add(self) -> None:
+        cell = getattr(self._local, "cell", None)
+        if cell is None:
+            cell = self._local.cell = [0]
+            with self._lock:
+                self._cells.append(cell)
+        cell[0] += 1  # only this thread writes its cell
+
+    @property
+    def value(self) -> int:
+        return sum(cell[0] for cell in list(self._cells))
+
+
 @dataclass
 class _Item:
     result: Result
@@ -250,7 +272,8 @@ class Engine:
         self._room: queue.SimpleQueue = queue.SimpleQueue()  # one token per record that may be in flight
         for _ in range(c.in_flight_limit):
             self._room.put(None)
-        self._upstream = 0  # submitted, not yet ready for the batcher nor failed
+        self._submitted = _Tally()  # upstream = submitted - left: not yet ready for the batcher nor failed
+        self._left = _Tally()
         self._draining = 0  # bundles waiting in drain()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -294,8 +317,7 @@ class Engine:
             except queue.Empty:
                 self._raise_if_failed()
         self._raise_if_failed()
-        with self._lock:
-            self._upstream += 1
+        self._submitted.add()
         uri = item.result.record["uri"]
         if isinstance(uri, str) and "://" not in uri:
             self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
@@ -330,11 +352,15 @@ class Engine:
             self._ready.put(item)
         else:
             self._finish(item, failure=failure)
-        with self._lock:
-            self._upstream -= 1
-            wake = self._upstream == 0 and self._draining > 0
-        if wake:
+        self._left.add()
+        if self._draining and self._nothing_upstream():
             self._ready.put(_WAKE)
+
+    def _nothing_upstream(self) -> bool:
+        """True only if, at some moment during the call, every submitted record had left the fetch and decode
+        stages (`left` is read first, so a record submitted meanwhile makes it False, never wrongly True)."""
+        left = self._left.value
+        return self._submitted.value == left
 
     def _finish(self, item: _Item, *, value: dict[str, Any] | None = None, failure: Failure | None = None) -> None:
         item.result.value, item.result.failure = value, failure
@@ -405,8 +431,7 @@ class Engine:
                 self._guard(self._launch, batcher.take())
 
     def _nothing_more_for_draining(self) -> bool:
-        with self._lock:
-            return self._draining > 0 and self._upstream == 0 and self._ready.empty()
+        return self._draining > 0 and self._nothing_upstream() and self._ready.empty()
 
     def _launch(self, items: list[_Item] | None) -> None:
         """Moves a batch to the device (collate + H2D copy, or the task's device preprocess), then queues it."""
