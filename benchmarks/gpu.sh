@@ -2,7 +2,7 @@
 # Every GPU check in one go (under 5 minutes on an H100), on a GPU machine that has torch but no network and
 # no apache-beam. Prepare the wheels here first, once:
 #   ../shared/device/fetch-wheels.sh pytest-timeout      # Beam's and gcsfs's wheels into .whl/
-# then, on the GPU machine, from the repository root:
+# then, on the GPU machine, from the repository root (with the device tool: carry ".whl", RESULTS_DIR "$OUT"):
 #   bash benchmarks/gpu.sh [RESULTS_DIR]                 # default: benchmarks/results/<date>
 # It installs .whl/ into a scratch folder, runs the gpu-marked tests, then every benchmark scenario with
 # --device cuda, writing one JSON per scenario (and gpu-tests.txt) into RESULTS_DIR.
