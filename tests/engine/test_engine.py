@@ -227,3 +227,13 @@ def test_a_batch_level_error_fails_that_batchs_records_and_the_engine_goes_on():
     assert len(first) == 8 and all(r.failure is not None and r.failure.stage == "forward" for r in first)
     assert len(second) == 8
     assert engine_threads() == []
+
+
+def test_every_record_gives_back_exactly_its_one_slot_of_room_whatever_stage_it_failed_in():
+    engine = make_engine(batch_size=4, max_in_flight=16)
+    values = [*safe(20), POISON_PREPROCESS, POISON_FORWARD, POISON_POSTPROCESS, *safe(5)]
+    records = write_numbers(values) + [{"id": "missing", "uri": "/no/such/file.bin", "value": 0.0}]
+    out = run_all(engine, records)
+    assert len(out) == len(records)
+    assert engine._room.qsize() == 16  # not fewer (a leak: submit would block), not more (a record finished twice)
+    engine.release()
