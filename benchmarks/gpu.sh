@@ -10,11 +10,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results/$(date +%F)}
 mkdir -p "$results"
-site=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
-export PYTHONPATH="$site:$PWD"
+if python3 -c "import apache_beam" 2>/dev/null; then
+  export PYTHONPATH="$PWD"                              # Beam is installed already (a dry run elsewhere)
+else
+  site=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH="$site:$PWD"
+fi
+# A dry run of this script without a GPU: DEVICE=cpu EXTRA="--items 8 --slow-items 4 --batch-size 4 --image-size 64"
+device=${DEVICE:-cuda}
+read -r -a extra <<< "${EXTRA:-}"
 export BEAM_INFER_CACHE=${BEAM_INFER_CACHE:-/tmp/beam_infer_cache}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$results/device.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no nvidia-smi"; } \
+  | tee "$results/device.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   | tee -a "$results/device.txt"
 
@@ -22,8 +30,8 @@ timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py te
   2>&1 | tee "$results/gpu-tests.txt" || echo "gpu tests failed (see gpu-tests.txt); benchmarks go on"
 
 # naive and runinference are slow by design: they run on a prefix of the records, beam_infer on all of them.
-run() { timeout "$1" python3 -m benchmarks.run --device cuda --json "$results/$2.json" --scenario "$2" "${@:3}" \
-          || echo "benchmark $2 failed or timed out"; }
+run() { timeout "$1" python3 -m benchmarks.run --device "$device" --json "$results/$2.json" --scenario "$2" "${@:3}" \
+          "${extra[@]}" || echo "benchmark $2 failed or timed out"; }
 run 100 classify-cpu-decode --items 3072 --slow-items 1024
 run 80 classify-gpu-decode --items 6144 --slow-items 1024
 run 80 img2img --items 2048 --slow-items 256

@@ -71,7 +71,8 @@ def measure_bounds(scenario: Scenario, config: EngineConfig, manifest: str, outp
     records = read_records(manifest)
     task = scenario.task(output)
     device = config.torch_device()
-    payloads = [fetch_bytes(r["uri"]) for r in records]
+    decode_bound = scenario.bound == "cpu_decode_or_forward" or task.device_preprocess is not None
+    payloads = [fetch_bytes(r["uri"]) for r in (records if decode_bound else records[:config.batch_size])]
     model, _, _ = load_on_device(task, config)
     batch = bounds.device_batch(task, payloads[:config.batch_size], records[:config.batch_size], device)
     steps = max(3, min(_FORWARD_BATCHES_MAX, len(records) // config.batch_size))
