@@ -32,6 +32,7 @@ from beam_infer import (
     WritePredictions,
     resolve_task,
 )
+from beam_infer.budget import Budget, FailureBudget
 from beam_infer.dofn import METRICS_NAMESPACE
 from beam_infer.engine.engine import STAGES
 from beam_infer.models import DEFAULT_MODEL
@@ -54,6 +55,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
                         help="decode images on the CPU (PIL, any format) or on the device (nvJPEG on CUDA, JPEG only)")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
+    parser.add_argument("--max-dead-letters", type=int,
+                        help="fail the job when more records than this become dead letters (default: no limit)")
+    parser.add_argument("--max-dead-letter-fraction", type=float,
+                        help="fail the job when more than this fraction (0-1) of the records fail (default: no limit)")
     parser.add_argument("--runner", default="DirectRunner")
     add_dataflow_arguments(parser)
     return parser.parse_known_args(argv)
@@ -104,8 +109,12 @@ def query_counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]
 
 
 def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: EngineConfig,
-            output: str) -> Summary:
-    """Runs the job over `source` and waits for it: the data flow, top to bottom."""
+            output: str, budget: Budget = Budget()) -> Summary:
+    """Runs the job over `source` and waits for it: the data flow, top to bottom.
+
+    Raises:
+        FailureBudgetExceeded (inside the runner's error): more records failed than `budget` allows.
+    """
     start = time.perf_counter()
     pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
     records = pipeline | "Read" >> ReadRecords(source) | "Spread" >> beam.Reshuffle()
@@ -113,6 +122,8 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema)
     results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output)
     results.predictions | "ScoreTop1" >> beam.ParDo(_ScoreTop1())
+    if not budget.unlimited:
+        (results.predictions, results.dead_letters) | "FailureBudget" >> FailureBudget(budget)
     result = pipeline.run()
     result.wait_until_finish()
     return Summary(query_counters(result), time.perf_counter() - start)
@@ -131,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> Summary:
         sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_")
         source = write_sample(sample_dir, args.sample_size)
     try:
-        summary = run_job(options, source, task, config, args.output)
+        summary = run_job(options, source, task, config, args.output,
+                          Budget(args.max_dead_letters, args.max_dead_letter_fraction))
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)

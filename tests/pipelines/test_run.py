@@ -85,3 +85,19 @@ def test_decode_on_device_bisects_a_corrupt_jpeg_out_of_its_batch_and_predicts_t
     rows = read_rows(out, "predictions")
     truth = {r["uri"]: r["label"] for r in read_manifest(str(sample_dir / "manifest.jsonl"))}
     assert sum(r["top_labels"][0] == truth[r["uri"]] for r in rows) >= 46
+
+
+def test_past_the_failure_budget_the_job_fails_naming_the_budget_and_the_first_errors(sample_dir, tmp_path):
+    corrupt, empty = write_bad_files(sample_dir)
+    with pytest.raises(Exception, match="failure budget exceeded: 2 of 50 records failed") as failed:
+        run.main(["--input", str(sample_dir / "*.jpg"), "--output", str(tmp_path / "o"), "--max-dead-letters", "1"])
+    assert "at most 1 dead letters" in str(failed.value)
+    assert f"{corrupt} ({corrupt}): preprocess: OSError" in str(failed.value)
+    assert f"{empty} ({empty}): preprocess: ValueError: empty image file (0 bytes)" in str(failed.value)
+
+
+def test_within_the_failure_budget_the_job_completes_with_its_dead_letters(sample_dir, tmp_path):
+    write_bad_files(sample_dir)
+    summary = run.main(["--input", str(sample_dir / "*.jpg"), "--output", str(tmp_path / "o"),
+                        "--max-dead-letters", "2", "--max-dead-letter-fraction", "0.05"])
+    assert summary.get("dead_letters") == 2 and summary.get("predictions") == 48
