@@ -226,6 +226,7 @@ class Engine:
         self._error: BaseException | None = None
         self._batches = 0
         self._last_h2d_done: torch.cuda.Event | None = None
+        self._row_limits: dict[str, int] = {}  # stage -> most rows per call, lowered by CUDA out-of-memory errors
         self._stats = _Stats()
         _LIVE_ENGINES.add(self)
         _LOG.info("beam_infer engine started: model %s on %s (%s) in process %d", task.name, self.device,
@@ -495,8 +496,11 @@ class Engine:
         # caching allocator freed on the H2D stream: the previous batch's work there must be over first.
         self.streams.synchronize(self._last_h2d_done)
         with self.streams.on(self.streams.h2d):
-            self._bisect(lambda xs: (preprocess(xs, self.device),), [torch.from_numpy(item.array) for item in items],
-                         0, len(items), "device_preprocess", chunks, failures)
+            encoded = [torch.from_numpy(item.array) for item in items]
+            step = self._row_limits.get("device_preprocess") or len(items)
+            for lo in range(0, len(items), step):
+                self._bisect(lambda xs: (preprocess(xs, self.device),), encoded, lo, min(lo + step, len(items)),
+                             "device_preprocess", chunks, failures)
             device_input = _concat(chunks)[0] if chunks else None  # on the H2D stream, which h2d_done covers
         for index, failure in failures:
             self._finish(items[index], failure=failure)
@@ -527,7 +531,10 @@ class Engine:
         failures: list[tuple[int, Failure]] = []
         with s.on(s.compute), torch.inference_mode():
             s.keep_for(batch.device_input, s.compute)
-            self._bisect(self.model, batch.device_input, 0, len(batch.items), "forward", chunks, failures)
+            rows = len(batch.items)
+            step = self._row_limits.get("forward") or rows
+            for lo in range(0, rows, step):  # after a CUDA OOM, in chunks no larger than the last size that fit
+                self._bisect(self.model, batch.device_input, lo, min(lo + step, rows), "forward", chunks, failures)
             for index, failure in failures:
                 self._finish(batch.items[index], failure=failure)
             batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
@@ -579,12 +586,20 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
+                self._lower_row_limit(stage, stop - start)
             if stop - start == 1:
                 failures.append((start, Failure.of(stage, e)))
                 return
             mid = (start + stop) // 2
             self._bisect(fn, x, start, mid, stage, chunks, failures)
             self._bisect(fn, x, mid, stop, stage, chunks, failures)
+
+    def _lower_row_limit(self, stage: str, rows_that_failed: int) -> None:
+        limit = max(1, rows_that_failed // 2)
+        if limit < self._row_limits.get(stage, rows_that_failed + 1):
+            self._row_limits[stage] = limit
+            _LOG.warning("beam_infer: CUDA out of memory in %s at %d rows; from now on at most %d rows per call",
+                         stage, rows_that_failed, limit)
 
     def _unload(self, batch: _Batch) -> None:
         """Waits for the D2H copy, hands each record's output rows to the postprocess pool.

@@ -177,8 +177,13 @@ def test_the_last_release_with_records_still_in_flight_stops_without_deadlock():
 
 
 class _OutOfMemoryAbove2(Doubler):
+    def __init__(self):
+        super().__init__()
+        self.out_of_memory = 0
+
     def forward(self, x):
         if len(x) > 2:
+            self.out_of_memory += 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return super().forward(x)
 
@@ -190,6 +195,19 @@ def test_out_of_memory_halves_the_batch_and_every_record_still_succeeds():
     engine.release()
     assert all(r.failure is None and r.value["doubled"] == 2 * r.record["value"] for r in out)
     assert model.batch_sizes == [2, 2, 2, 2]
+
+
+def test_after_an_out_of_memory_later_batches_are_run_in_chunks_that_fit():
+    model = _OutOfMemoryAbove2()
+    engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
+    first = run_all(engine, write_numbers(safe(8)))
+    errors_in_first = model.out_of_memory
+    later = run_all(engine, write_numbers(safe(24)))
+    engine.release()
+    assert all(r.failure is None for r in first + later)
+    assert errors_in_first == 3  # 8 rows, then 4, then the other 4 (the limit is 2 from then on)
+    assert model.out_of_memory == errors_in_first  # the later 3 batches went in chunks of 2 at once
+    assert model.batch_sizes == [2] * 16
 
 
 class _WrongBatchDim(Doubler):
