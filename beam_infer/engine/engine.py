@@ -25,9 +25,12 @@ import numpy as np
 import torch
 
 from beam_infer.config import EngineConfig
+from beam_infer.engine.accounting import Stats, Tally
 from beam_infer.engine.batcher import Batcher
-from beam_infer.engine.pinned import BufferPool, Lease
+from beam_infer.engine.pinned import BufferPool, Lease, ReleaseAfter
+from beam_infer.engine.results import Failure, Result
 from beam_infer.engine.streams import Streams
+from beam_infer.engine.tensors import as_numpy, concat_chunks, unaliased
 from beam_infer.engine.workers import Workers
 from beam_infer.io.fetch import fetch_bytes
 from beam_infer.task import InferenceTask, Record
@@ -39,91 +42,6 @@ _STOP = object()  # sent down the stage queues to end the threads
 _WAKE = object()  # makes the batch thread look again at a draining bundle
 
 STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess")
-
-
-@dataclass(frozen=True)
-class Failure:
-    """Why a record produced no value: the stage it failed in, the error's type and message."""
-
-    stage: str
-    error_type: str
-    message: str
-
-    @classmethod
-    def of(cls, stage: str, error: BaseException) -> Failure:
-        return cls(stage, type(error).__name__, str(error) or repr(error))
-
-
-@dataclass
-class Result:
-    """A finished record: its input, the context it was submitted with, and a value or a failure."""
-
-    record: Record
-    context: Any
-    value: dict[str, Any] | None = None
-    failure: Failure | None = None
-
-
-class _Stats:
-    """Host seconds per stage (summed over threads) and batch sizes, added by the stage threads and taken, as
-    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals.
-
-    Each thread adds to running totals of its own (no lock on the per-record path); `take` hands out what the
-    totals grew by since the last take.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # registering a thread's totals, and take()
-        self._local = threading.local()
-        self._totals: list[dict[str, float]] = []  # one per thread; only that thread writes it
-        self._taken: dict[str, float] = {}
-        self._batch_sizes: queue.SimpleQueue[int] = queue.SimpleQueue()
-
-    def busy(self, stage: str, seconds: float) -> None:
-        totals = getattr(self._local, "totals", None)
-        if totals is None:
-            totals = self._local.totals = {}
-            with self._lock:
-                self._totals.append(totals)
-        totals[stage] = totals.get(stage, 0.0) + seconds
-
-    def batch(self, size: int) -> None:
-        self._batch_sizes.put(size)
-
-    def take(self) -> tuple[dict[str, float], list[int]]:
-        with self._lock:
-            now: dict[str, float] = {}
-            for totals in self._totals:
-                for stage, seconds in list(totals.items()):  # one C call: a consistent snapshot under the GIL
-                    now[stage] = now.get(stage, 0.0) + seconds
-            busy = {stage: seconds - self._taken.get(stage, 0.0) for stage, seconds in now.items()}
-            self._taken = now
-        sizes = []
-        while not self._batch_sizes.empty():
-            sizes.append(self._batch_sizes.get())
-        return {stage: seconds for stage, seconds in busy.items() if seconds > 0}, sizes
-
-
-class _Tally:
-    """A count that many threads add to without a lock: each thread adds to a cell of its own, `value` sums them.
-    A contended lock per record costs more than the rest of the record's bookkeeping."""
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-        self._cells: list[list[int]] = []
-        self._lock = threading.Lock()  # only for a thread's first add
-
-    def add(self) -> None:
-        cell = getattr(self._local, "cell", None)
-        if cell is None:
-            cell = self._local.cell = [0]
-            with self._lock:
-                self._cells.append(cell)
-        cell[0] += 1  # only this thread writes its cell
-
-    @property
-    def value(self) -> int:
-        return sum(cell[0] for cell in list(self._cells))
 
 
 @dataclass
@@ -227,7 +145,7 @@ class Engine:
         self._batches = 0
         self._last_h2d_done: torch.cuda.Event | None = None
         self._row_limits: dict[str, int] = {}  # stage -> most rows per call, lowered by CUDA out-of-memory errors
-        self._stats = _Stats()
+        self._stats = Stats()
         _LIVE_ENGINES.add(self)
         _LOG.info("beam_infer engine started: model %s on %s (%s) in process %d", task.name, self.device,
                   self.dtype, os.getpid())
@@ -273,8 +191,8 @@ class Engine:
         self._room: queue.SimpleQueue = queue.SimpleQueue()  # one token per record that may be in flight
         for _ in range(c.in_flight_limit):
             self._room.put(None)
-        self._submitted = _Tally()  # upstream = submitted - left: not yet ready for the batcher nor failed
-        self._left = _Tally()
+        self._submitted = Tally()  # upstream = submitted - left: not yet ready for the batcher nor failed
+        self._left = Tally()
         self._draining = 0  # bundles waiting in drain()
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -501,7 +419,7 @@ class Engine:
             for lo in range(0, len(items), step):
                 self._bisect(lambda xs: (preprocess(xs, self.device),), encoded, lo, min(lo + step, len(items)),
                              "device_preprocess", chunks, failures)
-            device_input = _concat(chunks)[0] if chunks else None  # on the H2D stream, which h2d_done covers
+            device_input = concat_chunks(chunks)[0] if chunks else None  # on the H2D stream, which h2d_done covers
         for index, failure in failures:
             self._finish(items[index], failure=failure)
         good = [items[i] for a, b, _ in chunks for i in range(a, b)]
@@ -538,9 +456,9 @@ class Engine:
             for index, failure in failures:
                 self._finish(batch.items[index], failure=failure)
             batch.rows = [i for a, b, _ in chunks for i in range(a, b)]
-            outputs = _concat(chunks)
+            outputs = concat_chunks(chunks)
             if not s.cuda:  # an output that is a view of the input would see the next batch collated into it
-                outputs = tuple(_unaliased(out, batch.device_input) for out in outputs)
+                outputs = tuple(unaliased(out, batch.device_input) for out in outputs)
         forward_done = s.record(s.compute)
         if start is not None:
             self.trace.append((batch.number, "forward", start, forward_done))
@@ -621,11 +539,11 @@ class Engine:
         self._stats.batch(len(batch.items))
         step = max(1, -(-len(items) // self.config.postprocess_threads))
         spans = [(lo, min(lo + step, len(items))) for lo in range(0, len(items), step)]
-        release = _ReleaseAfter(len(spans), batch.out_leases)
+        release = ReleaseAfter(len(spans), batch.out_leases)
         for lo, hi in spans:
             self._post_pool.submit(self._postprocess, items[lo:hi], [x[lo:hi] for x in arrays], release)
 
-    def _postprocess(self, items: list[_Item], arrays: list[np.ndarray], release: _ReleaseAfter) -> None:
+    def _postprocess(self, items: list[_Item], arrays: list[np.ndarray], release: ReleaseAfter) -> None:
         t0 = time.perf_counter()
         done: list[tuple[_Item, dict[str, Any] | None, Failure | None]] = []
         try:
@@ -640,66 +558,6 @@ class Engine:
         self._stats.busy("postprocess", time.perf_counter() - t0)  # before the bundles can see their results
         for item, value, failure in done:
             self._finish(item, value=value, failure=failure)
-
-
-class _ReleaseAfter:
-    """Gives a batch's pinned output buffers back after the last of its `calls` postprocess calls."""
-
-    def __init__(self, calls: int, leases: list[Lease]) -> None:
-        self._lock = threading.Lock()
-        self._left = calls
-        self._leases = leases
-        if calls == 0:
-            self._release()
-
-    def detach(self, value: Any, arrays: list[np.ndarray]) -> Any:
-        """`value` with any array or tensor in it (in dicts, lists and tuples too) that views a pinned buffer,
-        about to be reused, replaced by a copy. Other zero-copy wrappers (pyarrow, PIL, memoryview) are the
-        postprocess's to avoid: see InferenceTask.postprocess."""
-        if not self._leases:
-            return value
-        if isinstance(value, dict):
-            return {k: self.detach(v, arrays) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return type(value)(self.detach(v, arrays) for v in value)
-        if isinstance(value, np.ndarray) and any(np.may_share_memory(value, a) for a in arrays):
-            return value.copy()
-        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and any(
-                np.may_share_memory(value.numpy(), a) for a in arrays):
-            return value.clone()
-        return value
-
-    def done(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self._release()
-
-    def _release(self) -> None:
-        for lease in self._leases:
-            lease.release()
-
-
-def as_numpy(host_tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as numpy: a view, or a float32 copy for half precisions (which numpy cannot hold)."""
-    if host_tensor.dtype in (torch.bfloat16, torch.float16):
-        return host_tensor.float().numpy()
-    return host_tensor.numpy()
-
-
-def _unaliased(output: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """`output`, or a copy of it when it shares storage with `source`."""
-    if output.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
-        return output.clone()
-    return output
-
-
-def _concat(chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]]) -> tuple[torch.Tensor, ...]:
-    """Joins the outputs of consecutive row ranges back into one tensor per output."""
-    if len(chunks) == 1:
-        return chunks[0][2]
-    return tuple(torch.cat(parts) for parts in zip(*(outs for _, _, outs in chunks), strict=True))
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

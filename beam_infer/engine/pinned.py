@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -60,3 +62,42 @@ class BufferPool:
             self._fences[slot] = fence
             self._free.append(slot)
             self._cond.notify()
+
+
+class ReleaseAfter:
+    """Gives a batch's pinned output buffers back after the last of its `calls` postprocess calls."""
+
+    def __init__(self, calls: int, leases: list[Lease]) -> None:
+        self._lock = threading.Lock()
+        self._left = calls
+        self._leases = leases
+        if calls == 0:
+            self._release()
+
+    def detach(self, value: Any, arrays: list[np.ndarray]) -> Any:
+        """`value` with any array or tensor in it (in dicts, lists and tuples too) that views a pinned buffer,
+        about to be reused, replaced by a copy. Other zero-copy wrappers (pyarrow, PIL, memoryview) are the
+        postprocess's to avoid: see InferenceTask.postprocess."""
+        if not self._leases:
+            return value
+        if isinstance(value, dict):
+            return {k: self.detach(v, arrays) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.detach(v, arrays) for v in value)
+        if isinstance(value, np.ndarray) and any(np.may_share_memory(value, a) for a in arrays):
+            return value.copy()
+        if isinstance(value, torch.Tensor) and value.device.type == "cpu" and any(
+                np.may_share_memory(value.numpy(), a) for a in arrays):
+            return value.clone()
+        return value
+
+    def done(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        for lease in self._leases:
+            lease.release()

@@ -1,0 +1,68 @@
+"""Counting across the engine's threads without a lock on the per-record path: busy time, batch sizes, tallies."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+
+class Stats:
+    """Host seconds per stage (summed over threads) and batch sizes, added by the stage threads and taken, as
+    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals.
+
+    Each thread adds to running totals of its own (no lock on the per-record path); `take` hands out what the
+    totals grew by since the last take.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # registering a thread's totals, and take()
+        self._local = threading.local()
+        self._totals: list[dict[str, float]] = []  # one per thread; only that thread writes it
+        self._taken: dict[str, float] = {}
+        self._batch_sizes: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def busy(self, stage: str, seconds: float) -> None:
+        totals = getattr(self._local, "totals", None)
+        if totals is None:
+            totals = self._local.totals = {}
+            with self._lock:
+                self._totals.append(totals)
+        totals[stage] = totals.get(stage, 0.0) + seconds
+
+    def batch(self, size: int) -> None:
+        self._batch_sizes.put(size)
+
+    def take(self) -> tuple[dict[str, float], list[int]]:
+        with self._lock:
+            now: dict[str, float] = {}
+            for totals in self._totals:
+                for stage, seconds in list(totals.items()):  # one C call: a consistent snapshot under the GIL
+                    now[stage] = now.get(stage, 0.0) + seconds
+            busy = {stage: seconds - self._taken.get(stage, 0.0) for stage, seconds in now.items()}
+            self._taken = now
+        sizes = []
+        while not self._batch_sizes.empty():
+            sizes.append(self._batch_sizes.get())
+        return {stage: seconds for stage, seconds in busy.items() if seconds > 0}, sizes
+
+
+class Tally:
+    """A count that many threads add to without a lock: each thread adds to a cell of its own, `value` sums them.
+    A contended lock per record costs more than the rest of the record's bookkeeping."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._cells: list[list[int]] = []
+        self._lock = threading.Lock()  # only for a thread's first add
+
+    def add(self) -> None:
+        cell = getattr(self._local, "cell", None)
+        if cell is None:
+            cell = self._local.cell = [0]
+            with self._lock:
+                self._cells.append(cell)
+        cell[0] += 1  # only this thread writes its cell
+
+    @property
+    def value(self) -> int:
+        return sum(cell[0] for cell in list(self._cells))
