@@ -89,7 +89,8 @@ class Summary:
             f"beam_infer classify on {runner}: {records} records ({self.get('predictions')} predictions, "
             f"{self.get('dead_letters')} dead letters) in {self.seconds:.1f}s = {records / self.seconds:.1f} "
             "records/s end to end",
-            f"model {model}, batch {config.batch_size}, device {config.device}, dtype {config.dtype}",
+            f"model {model}, batch {config.batch_size}, device {config.device}, dtype {config.dtype}; "
+            f"engines (model copies) built: {self.get('engines')}",
             f"busy time per stage (summed over threads): {busy}",
         ]
         if self.get("labelled"):
