@@ -431,8 +431,9 @@ class Engine:
         try:
             self._forward_and_copy_out(batch)
         except Exception as e:  # noqa: BLE001 - outside any one record (joining outputs, a copy): the batch fails
+            copied = self.streams.record(self.streams.d2h)  # copies into the output buffers may be in flight
             for lease in batch.out_leases:
-                lease.release()
+                lease.release(fence=copied)
             self._fail_batch(batch.items, "forward", e)
             return
         finally:
