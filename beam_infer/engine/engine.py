@@ -32,7 +32,7 @@ from beam_infer.engine.results import Failure, Result
 from beam_infer.engine.streams import Streams
 from beam_infer.engine.tensors import as_numpy, concat_chunks, unaliased
 from beam_infer.engine.workers import Workers
-from beam_infer.io.fetch import fetch_bytes
+from beam_infer.io.fetch import fetch_bytes, is_local
 from beam_infer.task import InferenceTask, Record
 
 _LOG = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class Engine:
         self._raise_if_failed()
         self._submitted.add()
         uri = item.result.record["uri"]
-        if isinstance(uri, str) and "://" not in uri:
+        if isinstance(uri, str) and is_local(uri):
             self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
         else:
             self._fetch_pool.submit(self._fetch, item, False)

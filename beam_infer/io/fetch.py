@@ -1,5 +1,5 @@
-"""Reads the bytes behind a URI: local paths directly, any other URL with fsspec (gs:// through gcsfs, s3://,
-http(s)://, memory://)."""
+"""Opens and reads URIs: local paths directly, any other URL with fsspec (gs:// through gcsfs, s3://,
+http(s)://, memory://). For a local path, open() costs a fifth of fsspec's URL handling (≈10 vs ≈50 µs)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,23 @@ import os
 import fsspec
 
 
+def is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def open_uri(uri: str, mode: str):
+    """A file object for `uri` (use it as a context manager)."""
+    return open(os.path.expanduser(uri), mode) if is_local(uri) else fsspec.open(uri, mode)
+
+
 def fetch_bytes(uri: str) -> bytes:
     """Returns the whole content of `uri`.
 
     Raises:
         FileNotFoundError, PermissionError, OSError: the URI cannot be read.
     """
-    if "://" not in uri:  # a local path: open() costs a fifth of fsspec's URL handling (≈10 vs ≈50 µs)
-        with open(os.path.expanduser(uri), "rb") as f:
+    if is_local(uri):
+        with open_uri(uri, "rb") as f:
             return f.read()
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)

@@ -12,13 +12,13 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 from torch import nn
 
+from beam_infer.io.fetch import open_uri
 from beam_infer.task import InferenceTask, record_id
 
 IMAGE_TO_IMAGE_SCHEMA = pa.schema([("output_uri", pa.string()), ("output_bytes", pa.int64())])
@@ -98,7 +98,7 @@ class _Write:
         parts = encode_image(outputs[0], self.fmt)
         name = urllib.parse.quote(record_id(record), safe="")  # one file per id: "a/b" and "a_b" stay apart
         uri = f"{self.output_dir}/{name}.{self.fmt}"
-        with open(uri, "wb") if "://" not in uri else fsspec.open(uri, "wb") as f:
+        with open_uri(uri, "wb") as f:
             for part in parts:
                 f.write(part)
         return {"output_uri": uri, "output_bytes": sum(len(part) for part in parts)}
