@@ -1,8 +1,9 @@
 """RunGpuInference: the engine inside Beam. Only lifecycle glue lives here; the work is in beam_infer/engine.
 
-Records (small dicts with a "uri" and optionally an "id") go in; predictions come out on the main output and
-failed records, as dead-letter rows, on the "dead_letters" output. Each output keeps its input's window and
-timestamp, and leaves in the bundle its input came in.
+Records (small dicts with a "uri" and optionally an "id") go in, one per element or in lists (chunks, from
+ReadRecords(chunk_size=…)); predictions come out one per record on the main output and failed records, as
+dead-letter rows, on the "dead_letters" output. Each output keeps its input element's window and timestamp, and
+leaves in the bundle its input came in.
 """
 
 from __future__ import annotations
@@ -57,14 +58,16 @@ class _GpuInferenceDoFn(beam.DoFn):
 
     def process(self, element: Any, window=beam.DoFn.WindowParam,
                 timestamp=beam.DoFn.TimestampParam) -> Iterator[Any]:
-        self._counts["records"] += 1
-        if not isinstance(element, Mapping) or not element.get("uri"):
-            self._counts[DEAD_LETTERS] += 1
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(
-                dead_letter_row(element, "input", "ValueError", "a record must be a mapping with a 'uri'"),
-                timestamp, [window]))
-            return
-        self._bundle.submit(element, (window, timestamp))
+        context = (window, timestamp)
+        for record in element if isinstance(element, list) else (element,):
+            self._counts["records"] += 1
+            if not isinstance(record, Mapping) or not record.get("uri"):
+                self._counts[DEAD_LETTERS] += 1
+                yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(
+                    dead_letter_row(record, "input", "ValueError", "a record must be a mapping with a 'uri'"),
+                    timestamp, [window]))
+                continue
+            self._bundle.submit(record, context)
         yield from self._emit(self._bundle.poll())
 
     def finish_bundle(self) -> Iterator[Any]:
@@ -103,7 +106,7 @@ class _GpuInferenceDoFn(beam.DoFn):
 
 
 class RunGpuInference(beam.PTransform):
-    """Runs `task` over records ({"uri", "id"?, …}) in one engine per worker process.
+    """Runs `task` over records ({"uri", "id"?, …}), or lists of records, in one engine per worker process.
 
     Returns:
         A tuple of PCollections: `.predictions` (the record's fields, "id", "model" and the postprocess's

@@ -41,6 +41,8 @@ from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 
+DEFAULT_CHUNK_SIZE = 64
+
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,6 +54,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                        help="records per Beam element from the read to the inference: Beam's per-element cost is "
+                             "paid once per chunk, and a chunk is what Reshuffle spreads over workers")
     parser.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
                         help="decode images on the CPU (PIL, any format) or on the device (nvJPEG on CUDA, JPEG only)")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
@@ -110,7 +115,7 @@ def query_counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]
 
 
 def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: EngineConfig,
-            output: str, budget: Budget = Budget()) -> Summary:
+            output: str, budget: Budget = Budget(), chunk_size: int = DEFAULT_CHUNK_SIZE) -> Summary:
     """Runs the job over `source` and waits for it: the data flow, top to bottom.
 
     Raises:
@@ -118,7 +123,7 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     """
     start = time.perf_counter()
     pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
-    records = pipeline | "Read" >> ReadRecords(source) | "Spread" >> beam.Reshuffle()
+    records = pipeline | "Read" >> ReadRecords(source, chunk_size) | "Spread" >> beam.Reshuffle()
     results = records | "Infer" >> RunGpuInference(task, config)
     results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema)
     results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output)
@@ -144,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
         source = write_sample(sample_dir, args.sample_size)
     try:
         summary = run_job(options, source, task, config, args.output,
-                          Budget(args.max_dead_letters, args.max_dead_letter_fraction))
+                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), args.chunk_size)
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)

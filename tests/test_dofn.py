@@ -109,6 +109,36 @@ def test_several_dofn_threads_feed_one_engine_and_each_bundle_gets_its_own_resul
     assert engine_threads() == []
 
 
+@pytest.mark.parametrize("bundle_size", [1, 2, 100])
+def test_a_chunk_of_records_is_split_into_records_and_each_comes_out_once_in_its_bundle(bundle_size):
+    records = write_numbers(safe(30))
+    chunks = [records[i:i + 7] for i in range(0, len(records), 7)]  # 7 does not divide 30: a short last chunk
+    for inputs, outputs in run_bundles(_GpuInferenceDoFn(number_task(), CPU), chunks, bundle_size):
+        assert all(isinstance(o, WindowedValue) and isinstance(o.value, dict) for o in outputs)
+        assert sorted(o.value["id"] for o in outputs) == sorted(r["id"] for chunk in inputs for r in chunk)
+
+
+def test_a_bad_record_inside_a_chunk_is_a_dead_letter_and_its_neighbours_go_on():
+    records = write_numbers(safe(6))
+    chunk = [*records[:3], {"id": "no-uri"}, *records[3:]]
+    with pipeline() as p:
+        out = p | beam.Create([chunk, []]) | RunGpuInference(number_task(), CPU)
+        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records]))
+        assert_that(out[DEAD_LETTERS] | beam.Map(lambda d: (d["id"], d["stage"])), equal_to([("no-uri", "input")]),
+                    label="DeadLetters")
+
+
+def test_records_of_a_chunk_keep_the_chunks_window_and_timestamp():
+    records = write_numbers(safe(8))
+    with pipeline() as p:
+        chunks = (p | beam.Create([(records[:5], 10), (records[5:], 45)])
+                  | beam.Map(lambda c: window.TimestampedValue(c[0], c[1])) | beam.WindowInto(window.FixedWindows(20)))
+        out = chunks | RunGpuInference(number_task(), CPU)
+        expected = [(r["id"], (0, 20_000_000), 10_000_000) for r in records[:5]]
+        expected += [(r["id"], (40_000_000, 60_000_000), 45_000_000) for r in records[5:]]
+        assert_that(out.predictions | beam.ParDo(_WindowAndTime()), equal_to(expected))
+
+
 def _ids(pcoll):
     return pcoll | beam.Map(lambda row: row["id"])
 

@@ -66,3 +66,19 @@ def test_read_records_transform_yields_the_manifest_records(tmp_path):
     with TestPipeline(runner=InProcessDirectRunner()) as p:
         ids = p | ReadRecords(str(path)) | beam.Map(lambda r: (r["id"], r["uri"]))
         assert_that(ids, equal_to([("1", f"{tmp_path}/a.jpg"), ("2", "/abs/b.jpg")]))
+
+
+@pytest.mark.parametrize("chunk_size, sizes", [(1, [1, 1, 1, 1, 1]), (2, [2, 2, 1]), (5, [5]), (64, [5])])
+def test_read_records_in_chunks_yields_every_record_once_in_lists_of_at_most_chunk_size(tmp_path, chunk_size, sizes):
+    rows = [{"id": str(i), "uri": f"/data/{i}.jpg"} for i in range(5)]
+    path = tmp_path / "m.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        chunks = p | ReadRecords(str(path), chunk_size=chunk_size)
+        assert_that(chunks | beam.Map(len), equal_to(sizes), label="Sizes")
+        assert_that(chunks | beam.FlatMap(lambda c: [r["id"] for r in c]), equal_to([str(i) for i in range(5)]))
+
+
+def test_a_chunk_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        ReadRecords("m.jsonl", chunk_size=0)
