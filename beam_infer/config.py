@@ -34,6 +34,10 @@ class EngineConfig:
             0 means four batches.
         host_buffers: pinned host buffers per direction (one being filled, one copying, one spare).
         trace_events: keep timed CUDA events per batch and stage (for overlap tests and profiling).
+        gil_switch_interval_s: if above 0, the engine sets the process's GIL switch interval
+            (sys.setswitchinterval; Python's default is 0.005). A thread that released the GIL for C work (a
+            decode, a kernel launch) waits up to this long to get it back while a pure-Python thread (Beam's)
+            runs; a shorter interval shortens that wait and costs more switches. Process-wide.
     """
 
     batch_size: int = 64
@@ -48,6 +52,7 @@ class EngineConfig:
     max_in_flight: int = 0
     host_buffers: int = 3
     trace_events: bool = False
+    gil_switch_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
@@ -57,6 +62,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight < 0:
             raise ValueError(f"EngineConfig.max_in_flight must be 0 (automatic) or more, got {self.max_in_flight}")
+        if self.gil_switch_interval_s < 0:
+            raise ValueError(f"EngineConfig.gil_switch_interval_s must not be negative, got {self.gil_switch_interval_s}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"EngineConfig.max_batch_wait_s must not be negative, got {self.max_batch_wait_s}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

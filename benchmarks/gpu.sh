@@ -5,7 +5,8 @@
 # then, on the GPU machine, from the repository root (with the device tool: carry ".whl", RESULTS_DIR "$OUT"):
 #   bash benchmarks/gpu.sh [RESULTS_DIR]                 # default: benchmarks/results/<date>
 # It installs .whl/ into a scratch folder, runs the gpu-marked tests, then every benchmark scenario with
-# --device cuda, writing one JSON per scenario (and gpu-tests.txt) into RESULTS_DIR.
+# --device cuda, writing one JSON per scenario (and gpu-tests.txt) into RESULTS_DIR, then a short sweep of
+# beam_infer's decode threads and GIL switch interval into RESULTS_DIR/sweep.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results/$(date +%F)}
@@ -35,4 +36,14 @@ run() { timeout "$1" python3 -m benchmarks.run --device "$device" --json "$resul
 run 100 classify-cpu-decode --items 3072 --slow-items 1024
 run 80 classify-gpu-decode --items 6144 --slow-items 1024
 run 80 img2img --items 2048 --slow-items 256
-ls -l "$results"
+
+# Then beam_infer alone with other settings of the two knobs that the GIL makes matter (README, Tuning): every
+# decode thread has to win the GIL back after each C call, and Beam's own thread is pure Python. Same data.
+mkdir -p "$results/sweep"
+sweep() { timeout 60 python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario "$1" \
+            --json "$results/sweep/$1-$2.json" "${@:3}" "${extra[@]}" || echo "sweep $1 $2 failed or timed out"; }
+sweep classify-cpu-decode threads-all --items 3072 --decode-threads "$(nproc)"
+sweep classify-cpu-decode switch-1ms --items 3072 --gil-switch-interval 0.001
+sweep classify-gpu-decode switch-1ms --items 6144 --gil-switch-interval 0.001
+sweep img2img switch-1ms --items 2048 --gil-switch-interval 0.001
+ls -lR "$results"

@@ -53,6 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--slow-items", type=int,
                         help="run naive and runinference on only this many of the records (they are slow; "
                              "their records/s stay comparable); default: all")
+    parser.add_argument("--decode-threads", type=int, default=0,
+                        help="beam_infer's decode threads (default 0: the cores less one)")
+    parser.add_argument("--gil-switch-interval", type=float, default=0.0,
+                        help="beam_infer's EngineConfig.gil_switch_interval_s (default 0: Python's 5 ms)")
     parser.add_argument("--json", help="write the results here as JSON")
     return parser.parse_args(argv)
 
@@ -112,7 +116,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         scenario = dataclasses.replace(scenario, data=(scenario.data[0], args.image_size, args.image_size))
     items = args.items or scenario.default_items
     config = EngineConfig(batch_size=args.batch_size or scenario.batch_size, device=args.device,
-                          channels_last=scenario.channels_last and args.device.startswith("cuda"))
+                          channels_last=scenario.channels_last and args.device.startswith("cuda"),
+                          decode_threads=args.decode_threads, gil_switch_interval_s=args.gil_switch_interval)
     device = config.torch_device()
     manifest = dataset(scenario.data[0], scenario.data[1], scenario.data[2], items)
     scratch = tempfile.mkdtemp(prefix="beam_infer_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -147,6 +152,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "device": describe_device(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
         "scenario": scenario.name, "items": items, "batch_size": config.batch_size,
         "decode_threads": config.decode_pool_size, "cores": available_cores(),
+        "gil_switch_interval_s": sys.getswitchinterval(),
         "dtype": str(config.torch_dtype(device)).removeprefix("torch."), "image": list(scenario.data),
         "torch": torch.__version__, "bounds": {k: round(v, 1) for k, v in measured.items()},
         "bound": {"name": bound_name, "records_per_s": round(bound, 1)}, "competitors": rows,

@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
         source = write_sample(sample_dir, args.sample_size)
     try:
         summary = run_job(options, source, task, config, args.output,
-                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), args.chunk_size)
+                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), chunk_size=args.chunk_size)
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -130,6 +131,8 @@ class Engine:
     def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
         self.task = task
         self.config = config
+        if config.gil_switch_interval_s:
+            sys.setswitchinterval(config.gil_switch_interval_s)
         self.model, self.device, self.dtype = load_on_device(task, config)
         self.streams = Streams(self.device, timing=config.trace_events)
         pin = self.device.type == "cuda"

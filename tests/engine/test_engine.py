@@ -1,3 +1,4 @@
+import sys
 import threading
 
 import pytest
@@ -255,3 +256,16 @@ def test_every_record_gives_back_exactly_its_one_slot_of_room_whatever_stage_it_
     assert len(out) == len(records)
     assert engine._room.qsize() == 16  # not fewer (a leak: submit would block), not more (a record finished twice)
     engine.release()
+
+
+@pytest.mark.parametrize("interval, expected", [(0.0, 0.005), (0.0007, 0.0007)])
+def test_the_engine_sets_the_gil_switch_interval_only_when_asked(monkeypatch, interval, expected):
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: monkeypatch.setattr(sys, "getswitchinterval", lambda: s))
+    monkeypatch.setattr(sys, "getswitchinterval", lambda: 0.005)
+    Engine(number_task(), EngineConfig(device="cpu", gil_switch_interval_s=interval))
+    assert sys.getswitchinterval() == expected
+
+
+def test_a_negative_gil_switch_interval_is_refused():
+    with pytest.raises(ValueError, match="gil_switch_interval_s must not be negative"):
+        EngineConfig(gil_switch_interval_s=-1)

@@ -37,7 +37,7 @@ def assembled(monkeypatch, argv) -> PipelineOptions:
     """The options main() hands to run_job for `argv` (run_job is replaced: nothing runs)."""
     seen = []
 
-    def fake_run_job(options, source, task, config, output, budget):
+    def fake_run_job(options, *rest, **named):
         seen.append(options)
         return run.Summary({}, 1.0)
 
