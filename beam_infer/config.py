@@ -34,10 +34,10 @@ class EngineConfig:
             0 means four batches.
         host_buffers: pinned host buffers per direction (one being filled, one copying, one spare).
         trace_events: keep timed CUDA events per batch and stage (for overlap tests and profiling).
-        gil_switch_interval_s: if above 0, the engine sets the process's GIL switch interval
-            (sys.setswitchinterval; Python's default is 0.005). A thread that released the GIL for C work (a
-            decode, a kernel launch) waits up to this long to get it back while a pure-Python thread (Beam's)
-            runs; a shorter interval shortens that wait and costs more switches. Process-wide.
+        gil_switch_interval_s: the GIL switch interval the engine sets for its process (sys.setswitchinterval;
+            Python's default is 0.005); 0 leaves the process's as it is. A thread that released the GIL for C
+            work (a decode step, a kernel launch) waits up to this long to get it back while a pure-Python
+            thread (Beam's) runs; a shorter interval shortens that wait and costs more switches. Process-wide.
     """
 
     batch_size: int = 64
@@ -52,7 +52,7 @@ class EngineConfig:
     max_in_flight: int = 0
     host_buffers: int = 3
     trace_events: bool = False
-    gil_switch_interval_s: float = 0.0
+    gil_switch_interval_s: float = 0.001
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
@@ -63,7 +63,8 @@ class EngineConfig:
         if self.max_in_flight < 0:
             raise ValueError(f"EngineConfig.max_in_flight must be 0 (automatic) or more, got {self.max_in_flight}")
         if self.gil_switch_interval_s < 0:
-            raise ValueError(f"EngineConfig.gil_switch_interval_s must not be negative, got {self.gil_switch_interval_s}")
+            raise ValueError(
+                f"EngineConfig.gil_switch_interval_s must not be negative, got {self.gil_switch_interval_s}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"EngineConfig.max_batch_wait_s must not be negative, got {self.max_batch_wait_s}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

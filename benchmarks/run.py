@@ -55,8 +55,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "their records/s stay comparable); default: all")
     parser.add_argument("--decode-threads", type=int, default=0,
                         help="beam_infer's decode threads (default 0: the cores less one)")
-    parser.add_argument("--gil-switch-interval", type=float, default=0.0,
-                        help="beam_infer's EngineConfig.gil_switch_interval_s (default 0: Python's 5 ms)")
+    parser.add_argument("--gil-switch-interval", type=float, default=EngineConfig.gil_switch_interval_s,
+                        help="beam_infer's EngineConfig.gil_switch_interval_s (default: %(default)s s; Python's "
+                             "own is 0.005)")
     parser.add_argument("--json", help="write the results here as JSON")
     return parser.parse_args(argv)
 

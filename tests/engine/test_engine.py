@@ -258,11 +258,12 @@ def test_every_record_gives_back_exactly_its_one_slot_of_room_whatever_stage_it_
     engine.release()
 
 
-@pytest.mark.parametrize("interval, expected", [(0.0, 0.005), (0.0007, 0.0007)])
-def test_the_engine_sets_the_gil_switch_interval_only_when_asked(monkeypatch, interval, expected):
+@pytest.mark.parametrize("interval, expected", [(None, 0.001), (0.0, 0.005), (0.0007, 0.0007)])
+def test_the_engine_sets_its_gil_switch_interval_and_zero_leaves_the_processs(monkeypatch, interval, expected):
     monkeypatch.setattr(sys, "setswitchinterval", lambda s: monkeypatch.setattr(sys, "getswitchinterval", lambda: s))
     monkeypatch.setattr(sys, "getswitchinterval", lambda: 0.005)
-    Engine(number_task(), EngineConfig(device="cpu", gil_switch_interval_s=interval))
+    asked = {} if interval is None else {"gil_switch_interval_s": interval}
+    Engine(number_task(), EngineConfig(device="cpu", **asked))
     assert sys.getswitchinterval() == expected
 
 
