@@ -1,7 +1,7 @@
 """Upper bounds measured in the same run as the competitors: what one stage alone can do on this machine.
 
     forward_only   the model on a batch already on the device, back to back (no copies, no decode)
-    cpu_decode     task.preprocess (PIL decode + resize) over in-memory bytes on a thread pool, a thread per
+    cpu_decode     task.preprocess (decode + resize) over in-memory bytes on a thread pool, a thread per
                    core
     device_decode  task.device_preprocess (nvJPEG decode + resize on the GPU) over in-memory bytes, batched
 """

@@ -1,7 +1,7 @@
 """The benchmark scenarios: data, model, batch size, the tasks each competitor runs, and the bound that counts.
 
-    classify-cpu-decode  ResNet-50 (torchvision, random weights), JPEGs of 500x375 decoded and resized by PIL
-                         on CPU threads; the ceiling is the CPU's decode rate.
+    classify-cpu-decode  ResNet-50 (torchvision, random weights), JPEGs of 500x375 decoded (libjpeg-turbo) and
+                         resized on CPU threads; the ceiling is the CPU's decode rate.
     classify-gpu-decode  the same model and JPEGs, decoded in batches by nvJPEG and resized on the GPU; the
                          bound is decode and forward sharing the GPU: 1 / (1/decode + 1/forward).
     img2img              a light conv net on 3x512² uint8 images in and out (raw .npy files): transfer-heavy;

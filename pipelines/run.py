@@ -58,7 +58,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="records per Beam element from the read to the inference: Beam's per-element cost is "
                              "paid once per chunk, and a chunk is what Reshuffle spreads over workers")
     parser.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
-                        help="decode images on the CPU (PIL, any format) or on the device (nvJPEG on CUDA, JPEG only)")
+                        help="decode images on CPU threads (any format PIL reads) or on the device (nvJPEG on CUDA, "
+                             "JPEG only)")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
     parser.add_argument("--max-dead-letters", type=int,
                         help="fail the job when more records than this become dead letters (default: no limit)")

@@ -45,7 +45,8 @@ def resolve_task(spec: str = DEFAULT_MODEL, top_k: int = 3, decode: str = "cpu")
         spec: "shapes_net" (shipped, trained); "torchvision:<name>" (architecture with random weights, 224²
             input, for benchmarks); or "<module>:<function>" returning an InferenceTask.
         top_k: labels kept per prediction (classifiers).
-        decode: where classifiers decode images: "cpu" (PIL) or "device" (nvJPEG on CUDA; JPEG only).
+        decode: where classifiers decode images: "cpu" (decode threads; any format PIL reads) or "device"
+            (nvJPEG on CUDA; JPEG only).
 
     Raises:
         ValueError: the name is not one of the forms above.

@@ -1,5 +1,9 @@
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.io import decode_jpeg
 
 from beam_infer.sample import encode, render
@@ -12,6 +16,32 @@ pytestmark = pytest.mark.timeout(30)
 def test_decode_resize_gives_rgb_uint8_of_the_asked_size(fmt):
     array = decode_resize(encode(render(3, 1)[1], fmt), 64)
     assert array.shape == (64, 64, 3) and array.dtype.name == "uint8"
+
+
+def _pil_decode_resize(data: bytes, size: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])  # down- and upsampling
+def test_a_jpeg_decodes_to_the_pixels_pil_gives_within_one_level(size):
+    data = encode(render(3, 1)[1], "JPEG")
+    ours = decode_resize(data, size).astype(int)
+    assert ours.shape == (size, size, 3)
+    assert np.abs(ours - _pil_decode_resize(data, size)).max() <= 1
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK"])
+def test_grey_and_cmyk_jpegs_come_out_rgb(mode):
+    out = io.BytesIO()
+    Image.new(mode, (50, 40), 128 if mode == "L" else (10, 20, 30, 0)).save(out, "JPEG")
+    assert np.abs(decode_resize(out.getvalue(), 16).astype(int) - _pil_decode_resize(out.getvalue(), 16)).max() <= 1
+
+
+def test_a_jpeg_cut_short_gets_pils_error():
+    data = encode(render(5, 0)[1])
+    with pytest.raises(OSError, match="truncated"):
+        decode_resize(data[: len(data) // 3], 64)
 
 
 def test_empty_bytes_are_a_clear_error():
