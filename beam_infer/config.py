@@ -26,8 +26,9 @@ class EngineConfig:
         channels_last: convert the model to channels_last memory format (convolutional models on CUDA).
         compile: wrap the model in torch.compile.
         fetch_threads: concurrent reads (fsspec); I/O-bound, so more than the cores.
-        decode_threads: decode and preprocess threads; keep below the core count. 0 means the cores less one,
-            counted where the engine runs (a worker), not where the job was launched.
+        decode_threads: decode and preprocess threads. 0 means a thread per core, counted where the engine runs
+            (a worker), not where the job was launched. The decode threads spend most of their time in C with
+            the GIL released; Beam's thread and the engine's stage threads share the cores with them.
         postprocess_threads: postprocess threads.
         max_batch_wait_s: the longest a partial batch waits for more records.
         max_in_flight: records submitted and not yet returned, across all bundles; `submit` blocks beyond it.
@@ -89,8 +90,8 @@ class EngineConfig:
 
     @property
     def decode_pool_size(self) -> int:
-        """decode_threads, with 0 resolved on this machine: one core is left for the Python glue and launches."""
-        return self.decode_threads or max(1, available_cores() - 1)
+        """decode_threads, with 0 resolved on this machine: a thread per core."""
+        return self.decode_threads or available_cores()
 
     @property
     def in_flight_limit(self) -> int:

@@ -42,7 +42,7 @@ run 80 img2img --items 2048 --slow-items 256
 mkdir -p "$results/sweep"
 sweep() { timeout 60 python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario "$1" \
             --json "$results/sweep/$1-$2.json" "${@:3}" "${extra[@]}" || echo "sweep $1 $2 failed or timed out"; }
-sweep classify-cpu-decode threads-all --items 3072 --decode-threads "$(nproc)"
+sweep classify-cpu-decode threads-cores-less-one --items 3072 --decode-threads "$(( $(nproc) - 1 ))"
 sweep classify-cpu-decode switch-5ms --items 3072 --gil-switch-interval 0.005   # Python's default; ours is 1 ms
 sweep classify-gpu-decode switch-5ms --items 6144 --gil-switch-interval 0.005
 sweep img2img switch-5ms --items 2048 --gil-switch-interval 0.005

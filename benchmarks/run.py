@@ -35,7 +35,7 @@ from beam_infer.io.fetch import fetch_bytes
 from benchmarks import bounds, competitors
 from benchmarks.data import dataset, read_records
 from benchmarks.monitor import Monitor, describe_device
-from benchmarks.scenarios import SCENARIOS, Scenario
+from benchmarks.scenarios import SCENARIOS, Scenario, classifier
 
 COMPETITORS = ("naive", "runinference", "beam_infer")
 _FORWARD_BATCHES_MAX = 20
@@ -53,8 +53,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--slow-items", type=int,
                         help="run naive and runinference on only this many of the records (they are slow; "
                              "their records/s stay comparable); default: all")
+    parser.add_argument("--model", help="classify scenarios: the classifier instead of ResNet-50, torchvision:<name> "
+                                            "or one_pixel (next to no compute: the run is decode-bound anywhere)")
     parser.add_argument("--decode-threads", type=int, default=0,
-                        help="beam_infer's decode threads (default 0: the cores less one)")
+                        help="beam_infer's decode threads (default 0: a thread per core)")
     parser.add_argument("--gil-switch-interval", type=float, default=EngineConfig.gil_switch_interval_s,
                         help="beam_infer's EngineConfig.gil_switch_interval_s (default: %(default)s s; Python's "
                              "own is 0.005)")
@@ -115,6 +117,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     scenario = SCENARIOS[args.scenario]
     if args.image_size:
         scenario = dataclasses.replace(scenario, data=(scenario.data[0], args.image_size, args.image_size))
+    if args.model:
+        if not scenario.name.startswith("classify"):
+            raise SystemExit(f"--model applies to the classify scenarios, not {scenario.name}")
+        scenario = dataclasses.replace(scenario, make_task=classifier(args.model))
     items = args.items or scenario.default_items
     config = EngineConfig(batch_size=args.batch_size or scenario.batch_size, device=args.device,
                           channels_last=scenario.channels_last and args.device.startswith("cuda"),
@@ -151,7 +157,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
         "device": describe_device(device), "date": datetime.date.today().isoformat(), "commit": git_commit(),
-        "scenario": scenario.name, "items": items, "batch_size": config.batch_size,
+        "scenario": scenario.name, "model": scenario.task(tempfile.gettempdir()).name, "items": items,
+        "batch_size": config.batch_size,
         "decode_threads": config.decode_pool_size, "cores": available_cores(),
         "gil_switch_interval_s": sys.getswitchinterval(),
         "dtype": str(config.torch_dtype(device)).removeprefix("torch."), "image": list(scenario.data),

@@ -18,6 +18,7 @@ from torch import nn
 
 from beam_infer.models import resolve_task
 from beam_infer.task import InferenceTask
+from beam_infer.tasks.classify import image_classifier
 from beam_infer.tasks.img2img import image_to_image
 
 
@@ -92,8 +93,32 @@ class Scenario:
         return self.bound, bounds[self.bound]
 
 
-def _resnet50(decode: str, output_dir: str, width: int) -> InferenceTask:
-    return resolve_task("torchvision:resnet50", top_k=5, decode=decode)
+class OnePixel(nn.Module):
+    """A classifier that reads one pixel of each NHWC uint8 image: next to no compute, so a classify run with it
+    is bound by the decode on any machine (`--model one_pixel`), and shows how close the pipeline gets to the
+    decode ceiling where no GPU takes the forward off the CPU."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, classes)
+
+    def forward(self, images):
+        return self.fc(images[:, 0, 0, :].to(self.fc.weight.dtype))
+
+
+def classifier(model: str) -> Callable[[str, str, int], InferenceTask]:
+    """make_task for the classify scenarios with `model`: torchvision:<name> or one_pixel."""
+
+    def make_task(decode: str, output_dir: str, width: int) -> InferenceTask:
+        if model == "one_pixel":
+            return image_classifier("one_pixel", OnePixel, [f"class_{i}" for i in range(1000)], image_size=224,
+                                    top_k=5, decode=decode)
+        return resolve_task(model, top_k=5, decode=decode)
+
+    return make_task
+
+
+_resnet50 = classifier("torchvision:resnet50")
 
 
 class LightConvNet(nn.Module):
