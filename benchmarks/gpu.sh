@@ -14,10 +14,13 @@ mkdir -p "$results"
 if python3 -c "import apache_beam" 2>/dev/null; then
   export PYTHONPATH="$PWD"                              # Beam is installed already (a dry run elsewhere)
 else
+  ls .whl/*.whl > /dev/null 2>&1 || { echo "no wheels in .whl/: run ../shared/device/fetch-wheels.sh here and carry .whl"; exit 1; }
   site=$(mktemp -d)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH="$site:$PWD"
 fi
+python3 -c "import apache_beam, beam_infer, pipelines.run, benchmarks.run" \
+  || { echo "the packages do not import: see above for the missing module"; exit 1; }
 # A dry run of this script without a GPU: DEVICE=cpu EXTRA="--items 8 --slow-items 4 --batch-size 4 --image-size 64"
 device=${DEVICE:-cuda}
 read -r -a extra <<< "${EXTRA:-}"
@@ -27,7 +30,7 @@ export BEAM_INFER_CACHE=${BEAM_INFER_CACHE:-/tmp/beam_infer_cache}
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" \
   | tee -a "$results/device.txt"
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/engine/test_pinned.py \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_pinned.py tests/test_gpu.py \
   2>&1 | tee "$results/gpu-tests.txt" || echo "gpu tests failed (see gpu-tests.txt); benchmarks go on"
 
 # naive and runinference are slow by design: they run on a prefix of the records, beam_infer on all of them.
@@ -40,7 +43,8 @@ run 80 img2img --items 2048 --slow-items 256
 # Then beam_infer alone with other settings of the two knobs that the GIL makes matter (README, Tuning): every
 # decode thread has to win the GIL back after each C call, and Beam's own thread is pure Python. Same data.
 mkdir -p "$results/sweep"
-sweep() { timeout 60 python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario "$1" \
+sweep() { if [ "$SECONDS" -gt "${SWEEP_UNTIL_S:-420}" ]; then echo "sweep $1 $2 skipped: ${SECONDS}s gone"; return; fi
+          timeout 60 python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario "$1" \
             --json "$results/sweep/$1-$2.json" "${@:3}" "${extra[@]}" || echo "sweep $1 $2 failed or timed out"; }
 sweep classify-cpu-decode threads-cores-less-one --items 3072 --decode-threads "$(( $(nproc) - 1 ))"
 sweep classify-cpu-decode switch-5ms --items 3072 --gil-switch-interval 0.005   # Python's default; ours is 1 ms

@@ -94,6 +94,16 @@ def measure_bounds(scenario: Scenario, config: EngineConfig, manifest: str, outp
     return out
 
 
+def scratch_parent(scenario: Scenario, items: int) -> str | None:
+    """/dev/shm (memory, so the writes cost no disk time) when it has room for every output, else the temp dir."""
+    _, width, height = scenario.data
+    needed = 2 * items * width * height * 3  # img2img writes an image per record; the others much less
+    try:
+        return "/dev/shm" if shutil.disk_usage("/dev/shm").free > needed else None
+    except OSError:
+        return None
+
+
 def first_records(manifest: str, count: int | None, folder: str) -> str:
     """A manifest of the first `count` records of `manifest` (the manifest itself when count is None)."""
     if count is None:
@@ -127,7 +137,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           decode_threads=args.decode_threads, gil_switch_interval_s=args.gil_switch_interval)
     device = config.torch_device()
     manifest = dataset(scenario.data[0], scenario.data[1], scenario.data[2], items)
-    scratch = tempfile.mkdtemp(prefix="beam_infer_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    scratch = tempfile.mkdtemp(prefix="beam_infer_bench_", dir=scratch_parent(scenario, items))
     try:
         bound_dir = os.path.join(scratch, "bounds")
         os.makedirs(bound_dir)

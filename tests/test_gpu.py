@@ -97,16 +97,24 @@ def test_an_output_row_kept_by_postprocess_is_not_overwritten_when_its_pinned_bu
 
 
 def test_nvjpeg_batch_with_a_corrupt_jpeg_dead_letters_it_and_predicts_the_rest_like_the_cpu(sample_dir):
+    # Last in this file: should nvJPEG break the CUDA context, the tests before have already run.
     from tests.conftest import write_bad_files
 
-    corrupt, _ = write_bad_files(sample_dir)
+    cut_short, _ = write_bad_files(sample_dir)
+    no_image = str(sample_dir / "no_image.jpg")  # a JPEG signature and nothing else: fails at nvJPEG's header step
+    with open(no_image, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0" + bytes(64))
     records = list(read_manifest(str(sample_dir / "manifest.jsonl")))
     cpu = Engine(shapes_classifier(), EngineConfig(device="cpu", batch_size=64)).retain()
     gpu = Engine(shapes_classifier(decode="device"), EngineConfig(device="cuda", batch_size=64)).retain()
     a = _predict(cpu, records)
-    b = _predict(gpu, records + [{"id": "corrupt", "uri": corrupt}])  # one batch: bisected on the GPU
+    bad = [{"id": "no_image", "uri": no_image}, {"id": "cut_short", "uri": cut_short}]
+    b = _predict(gpu, records + bad)  # one batch: bisected on the GPU
     cpu.release()
     gpu.release()
-    assert b["corrupt"].failure is not None and b["corrupt"].failure.stage == "device_preprocess"
+    assert b["no_image"].failure is not None and b["no_image"].failure.stage == "device_preprocess"
+    # Hardware nvJPEG may decode a file cut short into a partly grey image instead of failing: either is fine.
+    assert b["cut_short"].failure is None or b["cut_short"].failure.stage == "device_preprocess"
+    assert all(b[k].failure is None for k in a), [(k, b[k].failure) for k in a if b[k].failure]
     agree = sum(a[k].value["top_labels"][0] == b[k].value["top_labels"][0] for k in a)
     assert agree >= len(a) - 2

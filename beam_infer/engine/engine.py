@@ -146,7 +146,6 @@ class Engine:
         self._running = False
         self._error: BaseException | None = None
         self._batches = 0
-        self._last_h2d_done: torch.cuda.Event | None = None
         self._row_limits: dict[str, int] = {}  # stage -> most rows per call, lowered by CUDA out-of-memory errors
         self._stats = Stats()
         _LIVE_ENGINES.add(self)
@@ -362,24 +361,27 @@ class Engine:
         number = self._batches
         self._batches += 1
         s = self.streams
-        start = s.record(s.h2d) if self.config.trace_events else None
         try:
             if self.task.device_preprocess is None:
-                good, lease, device_input = self._collate_and_copy(items)
+                good, lease, device_input, start = self._collate_and_copy(items)
                 stage = "h2d"
             else:
-                good, lease, device_input = self._preprocess_on_device(items)
+                good, lease, device_input, start = self._preprocess_on_device(items)
                 stage = "device_preprocess"
         except Exception as e:  # noqa: BLE001 - not one record's fault: the batch's records fail, the engine goes on
             self._fail_batch(items, "collate" if self.task.device_preprocess is None else "device_preprocess", e)
             return
-        h2d_done = self._last_h2d_done = s.record(s.h2d)
+        h2d_done = s.record(s.h2d)
         if start is not None:
             self.trace.append((number, stage, start, h2d_done))
         if good:
             self._to_forward.put(_Batch(number, good, lease, device_input, h2d_done))
 
-    def _collate_and_copy(self, items: list[_Item]) -> tuple[list[_Item], Lease, torch.Tensor]:
+    def _trace_start(self) -> torch.cuda.Event | None:
+        """With trace_events, an event on the H2D stream where the batch's device work starts (after the host's)."""
+        return self.streams.record(self.streams.h2d) if self.config.trace_events else None
+
+    def _collate_and_copy(self, items: list[_Item]) -> tuple[list[_Item], Lease, torch.Tensor, Any]:
         """Stacks the arrays into a pinned host buffer and starts its copy on the H2D stream."""
         t0 = time.perf_counter()
         shape, dtype = items[0].array.shape, items[0].array.dtype
@@ -398,6 +400,7 @@ class Engine:
         try:
             np.stack([item.array for item in good], out=lease.tensor.numpy())
             t1 = time.perf_counter()
+            start = self._trace_start()
             with self.streams.on(self.streams.h2d):
                 device_input = lease.tensor.to(self.device, non_blocking=True)
         except BaseException:
@@ -405,29 +408,35 @@ class Engine:
             raise
         self._stats.busy("collate", t1 - t0 - waited)
         self._stats.busy("h2d", time.perf_counter() - t1)
-        return good, lease, device_input
+        return good, lease, device_input, start
 
-    def _preprocess_on_device(self, items: list[_Item]) -> tuple[list[_Item], None, torch.Tensor | None]:
+    def _preprocess_on_device(self, items: list[_Item]) -> tuple[list[_Item], None, torch.Tensor | None, Any]:
         """Hands the batch's arrays, as CPU tensors, to the task's device preprocess on the H2D stream."""
         t0 = time.perf_counter()
         preprocess = self.task.device_preprocess
         chunks: list[tuple[int, int, tuple[torch.Tensor, ...]]] = []
         failures: list[tuple[int, Failure]] = []
-        # A device decoder may write from a stream of its own (torchvision's nvJPEG does) into memory that the
-        # caching allocator freed on the H2D stream: the previous batch's work there must be over first.
-        self.streams.synchronize(self._last_h2d_done)
-        with self.streams.on(self.streams.h2d):
+        h2d = self.streams.h2d
+
+        def call(xs: list[torch.Tensor]) -> tuple[torch.Tensor]:
+            # A device decoder may write from a stream of its own (torchvision's nvJPEG does) into memory that
+            # the caching allocator freed on the H2D stream: the work queued there (the previous batch's, or
+            # this batch's earlier chunks after a bisection or an out-of-memory split) must be over first.
+            self.streams.drain(h2d)
+            return (preprocess(xs, self.device),)
+
+        start = self._trace_start()
+        with self.streams.on(h2d):
             encoded = [torch.from_numpy(item.array) for item in items]
             step = self._row_limits.get("device_preprocess") or len(items)
             for lo in range(0, len(items), step):
-                self._bisect(lambda xs: (preprocess(xs, self.device),), encoded, lo, min(lo + step, len(items)),
-                             "device_preprocess", chunks, failures)
+                self._bisect(call, encoded, lo, min(lo + step, len(items)), "device_preprocess", chunks, failures)
             device_input = concat_chunks(chunks)[0] if chunks else None  # on the H2D stream, which h2d_done covers
         for index, failure in failures:
             self._finish(items[index], failure=failure)
         good = [items[i] for a, b, _ in chunks for i in range(a, b)]
         self._stats.busy("device_preprocess", time.perf_counter() - t0)
-        return good, None, device_input
+        return good, None, device_input, start
 
     def _forward(self, batch: _Batch) -> None:
         """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
@@ -506,7 +515,7 @@ class Engine:
                                      f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
             chunks.append((start, stop, outs))
         except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
-            if isinstance(e, torch.cuda.OutOfMemoryError):
+            if _out_of_memory(e):
                 torch.cuda.empty_cache()
                 self._lower_row_limit(stage, stop - start)
             if stop - start == 1:
@@ -562,6 +571,12 @@ class Engine:
         self._stats.busy("postprocess", time.perf_counter() - t0)  # before the bundles can see their results
         for item, value, failure in done:
             self._finish(item, value=value, failure=failure)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, also as torchvision's nvJPEG reports it (a RuntimeError with the message)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -33,7 +33,7 @@ class Streams:
         """Records an event on `stream`: it completes when the work launched so far on it has."""
         if stream is None:
             return None
-        event = torch.cuda.Event(enable_timing=self.timing)
+        event = torch.cuda.Event(enable_timing=self.timing, blocking=True)  # a host wait sleeps, not spins
         event.record(stream)
         return event
 
@@ -48,6 +48,12 @@ class Streams:
         """Tells the caching allocator that `stream` uses `tensor`, so its memory is not reused too early."""
         if stream is not None and tensor.is_cuda:
             tensor.record_stream(stream)
+
+    @staticmethod
+    def drain(stream: torch.cuda.Stream | None) -> None:
+        """Blocks the host until the work launched so far on `stream` has completed."""
+        if stream is not None:
+            stream.synchronize()
 
     @staticmethod
     def synchronize(event: torch.cuda.Event | None) -> None:

@@ -22,7 +22,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # torchvision 0.29 deprecates its image codecs in favour of TorchCodec, and warns on every call; nvJPEG through
 # torchvision.io.decode_jpeg is still what this project measures (../shared/design.md).
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=UserWarning)
+                        category=Warning)  # a UserWarning in some versions, a DeprecationWarning in others
 
 
 def decode_resize(data: bytes, size: int) -> np.ndarray:

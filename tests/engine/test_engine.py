@@ -178,15 +178,20 @@ def test_the_last_release_with_records_still_in_flight_stops_without_deadlock():
 
 
 class _OutOfMemoryAbove2(Doubler):
-    def __init__(self):
+    def __init__(self, error=lambda: torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")):
         super().__init__()
         self.out_of_memory = 0
+        self.error = error
 
     def forward(self, x):
         if len(x) > 2:
             self.out_of_memory += 1
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            raise self.error()
         return super().forward(x)
+
+
+def _nvjpeg_out_of_memory():  # torchvision re-raises whatever nvJPEG's decode raised as a plain RuntimeError
+    return RuntimeError("Error while decoding JPEG images: CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
 def test_out_of_memory_halves_the_batch_and_every_record_still_succeeds():
@@ -198,8 +203,9 @@ def test_out_of_memory_halves_the_batch_and_every_record_still_succeeds():
     assert model.batch_sizes == [2, 2, 2, 2]
 
 
-def test_after_an_out_of_memory_later_batches_are_run_in_chunks_that_fit():
-    model = _OutOfMemoryAbove2()
+@pytest.mark.parametrize("error", [None, _nvjpeg_out_of_memory], ids=["OutOfMemoryError", "nvjpeg_RuntimeError"])
+def test_after_an_out_of_memory_later_batches_are_run_in_chunks_that_fit(error):
+    model = _OutOfMemoryAbove2() if error is None else _OutOfMemoryAbove2(error)
     engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
     first = run_all(engine, write_numbers(safe(8)))
     errors_in_first = model.out_of_memory
