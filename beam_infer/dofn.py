@@ -84,6 +84,9 @@ class _GpuInferenceDoFn(beam.DoFn):
         sizes = Metrics.distribution(METRICS_NAMESPACE, "batch_size")
         for size in batch_sizes:
             sizes.update(size)
+        if batch_sizes:  # as counters too, which every runner's summary reads: batches, and the rows in them
+            Metrics.counter(METRICS_NAMESPACE, "batches").inc(len(batch_sizes))
+            Metrics.counter(METRICS_NAMESPACE, "batched_records").inc(sum(batch_sizes))
 
     def teardown(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -43,6 +43,8 @@ class Run:
     steady_start: float  # perf_counter when the first record started, and when the last one ended
     steady_end: float
     busy_s: dict[str, float] = field(default_factory=dict)
+    batches: int | None = None  # forward passes, where the competitor reports them
+    mean_batch_size: float | None = None
 
     @property
     def steady_seconds(self) -> float:
@@ -237,4 +239,5 @@ def beam_infer(task: InferenceTask, config: EngineConfig, manifest: str, output:
     summary = run_job(PipelineOptions([]), manifest, timed, config, output)
     busy = {name.removeprefix("busy_us_"): us / 1e6 for name, us in summary.counters.items()
             if name.startswith("busy_us_")}
-    return Run(summary.get("predictions"), summary.seconds, clock.first or 0.0, clock.last or 0.0, busy)
+    return Run(summary.get("predictions"), summary.seconds, clock.first or 0.0, clock.last or 0.0, busy,
+               summary.get("batches"), round(summary.mean_batch_size, 1))

@@ -159,6 +159,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "steady_records_per_s": round(steady, 1), "ratio_to_bound": round(steady / bound, 3),
                 "gpu_util_pct": None if usage.gpu_util_pct is None else round(usage.gpu_util_pct, 1),
                 "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
+                "batches": run.batches, "mean_batch_size": run.mean_batch_size,
                 "peak_rss_mb": round(usage.peak_rss_mb), "rss_growth_mb": round(usage.rss_growth_mb),
                 "peak_gpu_mem_mb": None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
             })

@@ -88,6 +88,10 @@ class Summary:
     def get(self, name: str) -> int:
         return self.counters.get(name, 0)
 
+    @property
+    def mean_batch_size(self) -> float:
+        return self.get("batched_records") / self.get("batches") if self.get("batches") else 0.0
+
     def render(self, runner: str, model: str, config: EngineConfig, output: str) -> str:
         records = self.get("records")
         busy = ", ".join(f"{s} {self.get(f'busy_us_{s}') / 1e6:.2f}s" for s in STAGES)
@@ -98,6 +102,7 @@ class Summary:
             f"model {model}, batch {config.batch_size}, device {config.device}, dtype {config.dtype}; "
             f"engines (model copies) built: {self.get('engines')}",
             f"busy time per stage (summed over threads): {busy}",
+            f"batches: {self.get('batches')} (mean size {self.mean_batch_size:.1f})",
         ]
         if self.get("labelled"):
             lines.append(f"top-1 accuracy: {self.get('top1_correct') / self.get('labelled'):.2%} over "

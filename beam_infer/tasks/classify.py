@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torchvision.io import ImageReadMode, decode_jpeg  # imported here, not in a decode thread: about 1 s, once
 
 from beam_infer.task import InferenceTask
 
@@ -52,8 +53,6 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
 
 
 def _decode_resize_jpeg(data: bytes, size: int) -> np.ndarray:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     resized = F.interpolate(chw[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return resized[0].permute(1, 2, 0).contiguous().numpy()
@@ -82,8 +81,6 @@ def encoded_jpeg(data: bytes) -> np.ndarray:
 def decode_resize_batch(encoded: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
     """Decodes JPEGs (CPU uint8 tensors of their bytes) on `device` — nvJPEG, batched, on CUDA — and resizes them
     (bilinear, antialiased) into one uint8 NHWC batch of (size, size) on the device."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
     if all(image.shape == images[0].shape for image in images):
         groups = [torch.stack(images)]  # one resize for the batch
