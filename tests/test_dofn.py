@@ -258,6 +258,7 @@ def test_metrics_count_records_batches_and_busy_time_of_every_stage_that_ran():
     (sizes,) = [d.committed for d in metrics["distributions"] if d.key.metric.name == "batch_size"]
     assert counters["records"] == counters["predictions"] == 40
     assert sizes.sum == 40 and sizes.max <= CPU.batch_size and sizes.count >= 40 // CPU.batch_size
+    assert counters["batches"] == sizes.count and counters["batched_records"] == 40  # what summaries read
     for stage in ("fetch", "preprocess", "collate", "forward", "postprocess"):
         assert counters.get(f"busy_us_{stage}", 0) > 0, stage
 

@@ -1,5 +1,6 @@
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -26,6 +27,8 @@ def test_python_m_pipelines_run_writes_predictions_for_the_builtin_sample(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "40 records (40 predictions, 0 dead letters)" in proc.stdout
     assert "top-1 accuracy" in proc.stdout and "engines (model copies) built: 1" in proc.stdout
+    batches, mean = re.search(r"batches: (\d+) \(mean size ([\d.]+)\)", proc.stdout).groups()
+    assert int(batches) >= 1 and abs(int(batches) * float(mean) - 40) < 0.1 * int(batches)
     rows = read_rows(str(out), "predictions")
     assert len(rows) == 40 and len({r["id"] for r in rows}) == 40
     assert all(r["model"] == "shapes_net" and len(r["top_labels"]) == 3 for r in rows)
