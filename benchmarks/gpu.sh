@@ -67,3 +67,4 @@ if command -v py-spy > /dev/null && [ "$SECONDS" -lt "${PROFILE_UNTIL_S:-480}" ]
   [ -s "$scratch/gil.raw" ] && python3 -m benchmarks.gil_profile "$scratch/gil.raw" > "$results/gil-profile.txt"
 fi
 ls -l "$results"
+sleep 1  # let tee write the last lines of gpu.log
