@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 5 minutes on an H100), on a GPU machine that has torch but no network and
+# Every GPU check in one go (about 5 minutes on an H100; the sweep and the profile are skipped past 300 s), on a GPU machine that has torch but no network and
 # no apache-beam. Prepare the wheels here first, once:
 #   ../shared/device/fetch-wheels.sh pytest-timeout py-spy   # Beam's and gcsfs's wheels (and py-spy) into .whl/
 # then, on the GPU machine, from the repository root (with the device tool: carry ".whl", RESULTS_DIR "$OUT"):
@@ -46,7 +46,7 @@ run 80 img2img --items 2048 --slow-items 256
 # Then beam_infer alone with other settings of the two knobs that the GIL makes matter (README, Tuning): every
 # decode thread has to win the GIL back after each C call, and Beam's own thread is pure Python. Same data.
 scratch=$(mktemp -d)
-sweep() { if [ "$SECONDS" -gt "${SWEEP_UNTIL_S:-420}" ]; then echo "sweep $1 $2 skipped: ${SECONDS}s gone"; return; fi
+sweep() { if [ "$SECONDS" -gt "${SWEEP_UNTIL_S:-300}" ]; then echo "sweep $1 $2 skipped: ${SECONDS}s gone"; return; fi
           timeout 60 python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario "$1" \
             --json "$scratch/one.json" "${@:3}" "${extra[@]}" \
             && python3 -c "import json, sys; print(json.dumps({'sweep': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
@@ -60,7 +60,7 @@ sweep classify-cpu-decode switch-0.2ms --items 3072 --gil-switch-interval 0.0002
 
 # Where the GIL goes while beam_infer decodes on the GPU: py-spy's samples of the thread holding it, summed by
 # function (the top 60), for the run most likely to be bound by Python rather than by the GPU.
-if command -v py-spy > /dev/null && [ "$SECONDS" -lt "${PROFILE_UNTIL_S:-480}" ]; then
+if command -v py-spy > /dev/null && [ "$SECONDS" -lt "${PROFILE_UNTIL_S:-330}" ]; then
   timeout 60 py-spy record --gil --nonblocking -r 200 -f raw -o "$scratch/gil.raw" -- \
     python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario classify-gpu-decode \
       --items 6144 "${extra[@]}" > /dev/null 2>&1 || echo "py-spy profile failed or timed out"
