@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 5 minutes on an H100; the sweep and the profile are skipped past 300 s), on a GPU machine that has torch but no network and
-# no apache-beam. Prepare the wheels here first, once:
+# Every GPU check in one go (about 5 minutes on an H100; the sweep and the profile are skipped past 300 s), on
+# a GPU machine that has torch but no network and no apache-beam. Prepare the wheels here first, once:
 #   ../shared/device/fetch-wheels.sh pytest-timeout py-spy   # Beam's and gcsfs's wheels (and py-spy) into .whl/
 # then, on the GPU machine, from the repository root (with the device tool: carry ".whl", RESULTS_DIR "$OUT"):
 #   bash benchmarks/gpu.sh [RESULTS_DIR]                     # default: benchmarks/results/<date>
