@@ -35,11 +35,10 @@ class WriteParquet(beam.PTransform):
         self._num_shards = num_shards
 
     def expand(self, rows: beam.PCollection) -> beam.pvalue.PDone:
-        names = tuple(self._schema.names)
-        return (rows
-                | "Project" >> beam.Map(_project, names)
-                | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
-                                                    num_shards=self._num_shards))
+        if not all(field.nullable for field in self._schema):  # Beam's writer reads a missing nullable column
+            rows = rows | "Project" >> beam.Map(_project, tuple(self._schema.names))  # as null, and no other
+        return rows | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
+                                                        num_shards=self._num_shards)
 
 
 def predictions_schema(output_schema: pa.Schema) -> pa.Schema:

@@ -34,3 +34,17 @@ def test_no_dead_letters_still_writes_an_empty_file_with_the_schema(tmp_path):
     (path,) = glob.glob(str(tmp_path / "dead_letters-*.parquet"))
     table = pq.read_table(path)
     assert table.num_rows == 0 and table.schema == DEAD_LETTERS_SCHEMA
+
+
+def test_a_schema_with_a_required_column_still_drops_extra_fields_and_nulls_missing_optional_ones(tmp_path):
+    import pyarrow as pa
+
+    from beam_infer.io.write import WriteParquet
+
+    schema = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("n", pa.int64())])
+    rows = [{"id": "a", "n": 1, "extra": "dropped"}, {"id": "b"}]
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        p | beam.Create(rows) | WriteParquet(str(tmp_path), "things", schema)
+    table = pq.read_table(glob.glob(str(tmp_path / "things-*.parquet")))
+    assert table.schema.names == ["id", "n"]
+    assert sorted(table.to_pylist(), key=lambda r: r["id"]) == [{"id": "a", "n": 1}, {"id": "b", "n": None}]
