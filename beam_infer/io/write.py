@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from typing import Any
 
 import apache_beam as beam
@@ -22,10 +25,41 @@ def _project(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {name: row.get(name) for name in names}
 
 
+def _comparable(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+_SHARD = re.compile(r"-\d{5}-of-\d{5}\.parquet")
+_LOG = logging.getLogger(__name__)
+
+
+def remove_other_shards(written: list[str], prefix: str) -> list[str]:
+    """Deletes the files named like shards of `prefix` (`<prefix>-SSSSS-of-NNNNN.parquet`) that are not in
+    `written`: an earlier run's, left behind when it had another shard count. Returns what it deleted.
+
+    Nothing is deleted when nothing was written.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    if not written:
+        return []
+    keep = {_comparable(path) for path in written}
+    matched = FileSystems.match([f"{prefix}-*-of-*.parquet"])[0].metadata_list
+    stale = sorted(m.path for m in matched if _comparable(m.path) not in keep
+                   and _SHARD.fullmatch(os.path.basename(m.path)[len(os.path.basename(prefix)):]))
+    if stale:
+        FileSystems.delete(stale)
+        _LOG.warning("beam_infer: removed %d shard(s) of an earlier run from %s: %s", len(stale), prefix,
+                     ", ".join(stale[:5]))
+    return stale
+
+
 class WriteParquet(beam.PTransform):
     """Writes dict rows as `<directory>/<name>-SSSSS-of-NNNNN.parquet`, keeping only the schema's columns.
 
     Files appear atomically (written to a temporary folder, then renamed), so a reader never sees half a file.
+    Once they have, the shards of an earlier run into the same place that this run did not overwrite (it had
+    another shard count) are deleted, so `<name>-*.parquet` reads this run's rows alone.
     """
 
     def __init__(self, directory: str, name: str, schema: pa.Schema, num_shards: int = 0) -> None:
@@ -34,11 +68,14 @@ class WriteParquet(beam.PTransform):
         self._schema = schema
         self._num_shards = num_shards
 
-    def expand(self, rows: beam.PCollection) -> beam.pvalue.PDone:
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         if not all(field.nullable for field in self._schema):  # Beam's writer reads a missing nullable column
             rows = rows | "Project" >> beam.Map(_project, tuple(self._schema.names))  # as null, and no other
-        return rows | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
-                                                        num_shards=self._num_shards)
+        written = rows | "Write" >> beam.io.WriteToParquet(self._prefix, self._schema, file_name_suffix=".parquet",
+                                                           num_shards=self._num_shards)
+        return (written
+                | "AllWritten" >> beam.combiners.ToList()
+                | "RemoveOtherShards" >> beam.Map(remove_other_shards, self._prefix))
 
 
 def predictions_schema(output_schema: pa.Schema) -> pa.Schema:

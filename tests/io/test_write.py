@@ -48,3 +48,37 @@ def test_a_schema_with_a_required_column_still_drops_extra_fields_and_nulls_miss
     table = pq.read_table(glob.glob(str(tmp_path / "things-*.parquet")))
     assert table.schema.names == ["id", "n"]
     assert sorted(table.to_pylist(), key=lambda r: r["id"]) == [{"id": "a", "n": 1}, {"id": "b", "n": None}]
+
+
+def _write(directory, ids, shards):
+    with TestPipeline(runner=InProcessDirectRunner()) as p:
+        rows = p | beam.Create([{"id": i, "uri": f"/{i}.jpg", "model": "m"} for i in ids])
+        rows | WritePredictions(str(directory), CLASSIFICATION_SCHEMA, num_shards=shards)
+
+
+def test_a_rerun_with_fewer_shards_leaves_only_its_own_shards_and_other_files_alone(tmp_path):
+    (tmp_path / "predictions-notes.txt").write_text("not a shard")
+    (tmp_path / "dead_letters-00000-of-00001.parquet").write_bytes(b"another writer's")
+    _write(tmp_path, ["a", "b", "c", "d"], shards=3)
+    assert len(glob.glob(str(tmp_path / "predictions-*.parquet"))) == 3
+    _write(tmp_path, ["x", "y"], shards=2)
+    files = sorted(glob.glob(str(tmp_path / "predictions-*.parquet")))
+    assert [f.rsplit("/", 1)[1] for f in files] == ["predictions-00000-of-00002.parquet",
+                                                    "predictions-00001-of-00002.parquet"]
+    assert sorted(pq.read_table(files)["id"].to_pylist()) == ["x", "y"]
+    assert (tmp_path / "predictions-notes.txt").exists() and (tmp_path / "dead_letters-00000-of-00001.parquet").exists()
+
+
+def test_removing_other_shards_does_nothing_when_nothing_was_written(tmp_path):
+    from beam_infer.io.write import remove_other_shards
+
+    old = tmp_path / "predictions-00000-of-00001.parquet"
+    old.write_bytes(b"x")
+    assert remove_other_shards([], str(tmp_path / "predictions")) == [] and old.exists()
+
+
+def test_a_relative_output_path_keeps_this_runs_shards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _write("out", ["a", "b", "c"], shards=2)
+    _write("./out", ["a", "b", "c"], shards=2)
+    assert sorted(pq.read_table(glob.glob("out/predictions-*.parquet"))["id"].to_pylist()) == ["a", "b", "c"]
