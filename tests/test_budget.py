@@ -27,3 +27,18 @@ def test_the_budget_fails_only_past_either_limit(budget, dead, records, exceeded
 def test_a_budget_out_of_range_is_a_clear_error(kwargs):
     with pytest.raises(ValueError, match="must be"):
         Budget(**kwargs)
+
+
+def test_a_worker_stops_the_job_as_soon_as_its_own_dead_letters_pass_the_limit():
+    from beam_infer.budget import FailureBudgetExceeded, _StopEarly
+
+    stop, other = _StopEarly(max_dead_letters=2), _StopEarly(max_dead_letters=2)
+    letters = [{"id": f"r{i}", "uri": f"/r{i}.jpg", "stage": "fetch", "error_type": "OSError", "message": "gone"}
+               for i in range(3)]
+    stop.process(letters[0])
+    stop.process(letters[1])
+    other.process(letters[0])  # another pipeline's check counts on its own
+    with pytest.raises(FailureBudgetExceeded, match="at least 3 records failed .* at most 2 dead letters") as failed:
+        stop.process(letters[2])
+    assert "r0 (/r0.jpg): fetch: OSError: gone" in str(failed.value)
+    other.process(letters[1])  # still within its limit

@@ -92,11 +92,19 @@ def test_decode_on_device_bisects_a_corrupt_jpeg_out_of_its_batch_and_predicts_t
 
 def test_past_the_failure_budget_the_job_fails_naming_the_budget_and_the_first_errors(sample_dir, tmp_path):
     corrupt, empty = write_bad_files(sample_dir)
-    with pytest.raises(Exception, match="failure budget exceeded: 2 of 50 records failed") as failed:
+    with pytest.raises(Exception, match="failure budget exceeded: at least 2 records failed") as failed:
         run.main(["--input", str(sample_dir / "*.jpg"), "--output", str(tmp_path / "o"), "--max-dead-letters", "1"])
-    assert "at most 1 dead letters" in str(failed.value)
+    assert "the budget allows at most 1 dead letters" in str(failed.value)
     assert f"{corrupt} ({corrupt}): preprocess: OSError" in str(failed.value)
     assert f"{empty} ({empty}): preprocess: ValueError: empty image file (0 bytes)" in str(failed.value)
+
+
+def test_past_a_fractional_budget_the_job_fails_once_every_record_is_counted(sample_dir, tmp_path):
+    corrupt, _ = write_bad_files(sample_dir)
+    with pytest.raises(Exception, match="failure budget exceeded: 2 of 50 records failed") as failed:
+        run.main(["--input", str(sample_dir / "*.jpg"), "--output", str(tmp_path / "o"),
+                  "--max-dead-letter-fraction", "0.02"])
+    assert "at most 2.00% of the records" in str(failed.value) and f"{corrupt} ({corrupt})" in str(failed.value)
 
 
 def test_within_the_failure_budget_the_job_completes_with_its_dead_letters(sample_dir, tmp_path):
