@@ -515,15 +515,18 @@ class Engine:
                                      f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
             chunks.append((start, stop, outs))
         except Exception as e:  # noqa: BLE001 - find the records that cause it; the others go on
-            if _out_of_memory(e):
+            out_of_memory = _out_of_memory(e)
+            if out_of_memory:
                 torch.cuda.empty_cache()
-                self._lower_row_limit(stage, stop - start)
             if stop - start == 1:
                 failures.append((start, Failure.of(stage, e)))
                 return
+            failed_before = len(failures)
             mid = (start + stop) // 2
             self._bisect(fn, x, start, mid, stage, chunks, failures)
             self._bisect(fn, x, mid, stop, stage, chunks, failures)
+            if out_of_memory and len(failures) == failed_before:  # the size, not a record: later calls go smaller
+                self._lower_row_limit(stage, stop - start)
 
     def _lower_row_limit(self, stage: str, rows_that_failed: int) -> None:
         limit = max(1, rows_that_failed // 2)

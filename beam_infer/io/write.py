@@ -25,11 +25,13 @@ def _project(row: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {name: row.get(name) for name in names}
 
 
-def _comparable(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+_SHARD = re.compile(r"-\d{5}-of-(\d{5})\.parquet")
 
 
-_SHARD = re.compile(r"-\d{5}-of-\d{5}\.parquet")
+def _shard_count(path: str, prefix: str) -> str | None:
+    """NNNNN of `<prefix>-SSSSS-of-NNNNN.parquet`; None for any other name."""
+    shard = _SHARD.fullmatch(os.path.basename(path)[len(os.path.basename(prefix)):])
+    return shard.group(1) if shard else None
 _LOG = logging.getLogger(__name__)
 
 
@@ -43,10 +45,11 @@ def remove_other_shards(written: list[str], prefix: str) -> list[str]:
 
     if not written:
         return []
-    keep = {_comparable(path) for path in written}
+    # By shard count, not by name: a retried finalize returns only the files it renamed itself, and Beam has
+    # already replaced every earlier file of this run's count.
+    counts = {_shard_count(path, prefix) for path in written}
     matched = FileSystems.match([f"{prefix}-*-of-*.parquet"])[0].metadata_list
-    stale = sorted(m.path for m in matched if _comparable(m.path) not in keep
-                   and _SHARD.fullmatch(os.path.basename(m.path)[len(os.path.basename(prefix)):]))
+    stale = sorted(m.path for m in matched if _shard_count(m.path, prefix) not in counts | {None})
     if stale:
         FileSystems.delete(stale)
         _LOG.warning("beam_infer: removed %d shard(s) of an earlier run from %s: %s", len(stale), prefix,

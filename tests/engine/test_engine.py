@@ -276,3 +276,23 @@ def test_the_engine_sets_its_gil_switch_interval_and_zero_leaves_the_processs(mo
 def test_a_negative_gil_switch_interval_is_refused():
     with pytest.raises(ValueError, match="gil_switch_interval_s must not be negative"):
         EngineConfig(gil_switch_interval_s=-1)
+
+
+class _OutOfMemoryOnPoison(Doubler):
+    def forward(self, x):
+        self.batch_sizes.append(len(x))
+        if (x == 13.0).any():  # one record whose own size is too much (a huge image, say)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated, one record)")
+        return x * self.scale
+
+
+def test_an_out_of_memory_caused_by_one_record_fails_that_record_and_keeps_full_batches():
+    model = _OutOfMemoryOnPoison()
+    engine = make_engine(model, batch_size=8, max_batch_wait_s=10.0)
+    first = run_all(engine, write_numbers([1.0, 2.0, 13.0, 4.0, 5.0, 6.0, 7.5, 8.0]))
+    model.batch_sizes.clear()
+    later = run_all(engine, write_numbers(safe(16)))
+    engine.release()
+    assert [r.record["value"] for r in first if r.failure is not None] == [13.0]
+    assert all(r.failure is None for r in later)
+    assert model.batch_sizes == [8, 8]  # no row limit was set by that one record

@@ -77,8 +77,12 @@ def test_removing_other_shards_does_nothing_when_nothing_was_written(tmp_path):
     assert remove_other_shards([], str(tmp_path / "predictions")) == [] and old.exists()
 
 
-def test_a_relative_output_path_keeps_this_runs_shards(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    _write("out", ["a", "b", "c"], shards=2)
-    _write("./out", ["a", "b", "c"], shards=2)
-    assert sorted(pq.read_table(glob.glob("out/predictions-*.parquet"))["id"].to_pylist()) == ["a", "b", "c"]
+def test_a_retried_finalize_that_renamed_only_some_shards_keeps_all_of_this_runs_shards(tmp_path):
+    from beam_infer.io.write import remove_other_shards
+
+    ours = [tmp_path / f"predictions-0000{i}-of-00003.parquet" for i in range(3)]
+    older = tmp_path / "predictions-00000-of-00005.parquet"
+    for path in [*ours, older]:
+        path.write_bytes(b"x")
+    removed = remove_other_shards([str(ours[1]), str(ours[2])], str(tmp_path / "predictions"))  # 0 renamed earlier
+    assert removed == [str(older)] and all(path.exists() for path in ours) and not older.exists()
