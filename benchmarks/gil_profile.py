@@ -13,6 +13,7 @@ our steps, and in which library, held the GIL; and samples by the innermost fram
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -30,19 +31,26 @@ def parse(lines: Iterable[str]) -> list[tuple[list[str], int]]:
     return stacks
 
 
+_INSTALLED = re.compile(r"(?:site-packages|dist-packages|lib/python3\.\d+)/(?:site-packages/|dist-packages/)?"
+                        r"([^/:)]+)")
+
+
 def _library(frame: str) -> str:
     path = frame.rpartition("(")[2]
-    for marker in ("site-packages/", "dist-packages/", "lib/python3"):
-        if marker in path:
-            return path.split(marker, 1)[1].split("/", 1)[0].split(".py")[0]
-    return path.split("/", 1)[0]
+    installed = _INSTALLED.search(path)
+    name = installed.group(1) if installed else path.split("/", 1)[0]
+    return name.split(".py")[0]
+
+
+def _ours(frame: str) -> bool:
+    return not _INSTALLED.search(frame) and any(mark in frame for mark in OURS)
 
 
 def owner(frames: list[str]) -> str:
     """This project's innermost frame, with `→ library` when a library's code runs below it; else
     `library: innermost frame`."""
     for depth in range(len(frames) - 1, -1, -1):
-        if any(mark in frames[depth] for mark in OURS):
+        if _ours(frames[depth]):
             below = f" → {_library(frames[-1])}" if depth < len(frames) - 1 else ""
             return frames[depth] + below
     return f"{_library(frames[-1])}: {frames[-1]}" if frames else "?"

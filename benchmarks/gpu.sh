@@ -52,7 +52,7 @@ sweep() { if [ "$SECONDS" -gt "${SWEEP_UNTIL_S:-300}" ]; then echo "sweep $1 $2 
             && python3 -c "import json, sys; print(json.dumps({'sweep': sys.argv[1], **json.load(open(sys.argv[2]))}))" \
                  "$2" "$scratch/one.json" >> "$results/sweep.jsonl" \
             || echo "sweep $1 $2 failed or timed out"; }
-sweep classify-cpu-decode threads-cores-less-one --items 3072 --decode-threads "$(( $(nproc) - 1 ))"
+sweep classify-cpu-decode threads-cores-less-one --items 3072 --decode-threads "$(( $(nproc) > 1 ? $(nproc) - 1 : 1 ))"
 sweep classify-cpu-decode switch-5ms --items 3072 --gil-switch-interval 0.005   # Python's default; ours is 1 ms
 sweep classify-gpu-decode switch-5ms --items 6144 --gil-switch-interval 0.005
 sweep img2img switch-5ms --items 2048 --gil-switch-interval 0.005
@@ -64,7 +64,9 @@ if command -v py-spy > /dev/null && [ "$SECONDS" -lt "${PROFILE_UNTIL_S:-330}" ]
   timeout 60 py-spy record --gil --nonblocking -r 200 -f raw -o "$scratch/gil.raw" -- \
     python3 -m benchmarks.run --device "$device" --competitors beam_infer --scenario classify-gpu-decode \
       --items 6144 "${extra[@]}" > /dev/null 2>&1 || echo "py-spy profile failed or timed out"
-  [ -s "$scratch/gil.raw" ] && python3 -m benchmarks.gil_profile "$scratch/gil.raw" > "$results/gil-profile.txt"
+  if [ -s "$scratch/gil.raw" ]; then
+    python3 -m benchmarks.gil_profile "$scratch/gil.raw" > "$results/gil-profile.txt" || echo "gil_profile failed"
+  fi
 fi
 ls -l "$results"
 sleep 1  # let tee write the last lines of gpu.log

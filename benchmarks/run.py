@@ -30,7 +30,7 @@ import torch
 
 from beam_infer import EngineConfig
 from beam_infer.config import available_cores
-from beam_infer.engine import load_on_device
+from beam_infer.engine import configure_process, load_on_device
 from beam_infer.io.fetch import fetch_bytes
 from benchmarks import bounds, competitors
 from benchmarks.data import dataset, read_records
@@ -136,6 +136,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           channels_last=scenario.channels_last and args.device.startswith("cuda"),
                           decode_threads=args.decode_threads, gil_switch_interval_s=args.gil_switch_interval)
     device = config.torch_device()
+    configure_process(config, device)  # as beam_infer's engine will: the bounds and every competitor run so
     manifest = dataset(scenario.data[0], scenario.data[1], scenario.data[2], items)
     scratch = tempfile.mkdtemp(prefix="beam_infer_bench_", dir=scratch_parent(scenario, items))
     try:

@@ -107,6 +107,16 @@ class Bundle:
                 yield result
 
 
+def configure_process(config: EngineConfig, device: torch.device) -> None:
+    """The process-wide settings an engine makes: the GIL switch interval (`config.gil_switch_interval_s`) and,
+    on CUDA, one thread for torch's CPU ops, as in a DataLoader worker: the model runs on the GPU, so the CPU's
+    torch work is the decode threads' own, and an intra-op pool would give each of them an OpenMP team."""
+    if config.gil_switch_interval_s:
+        sys.setswitchinterval(config.gil_switch_interval_s)
+    if device.type == "cuda":
+        torch.set_num_threads(1)
+
+
 def load_on_device(task: InferenceTask, config: EngineConfig) -> tuple[Callable[..., Any], torch.device,
                                                                       torch.dtype]:
     """Builds the task's model and moves it to the config's device, dtype and memory format, compiled if asked.
@@ -131,8 +141,7 @@ class Engine:
     def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
         self.task = task
         self.config = config
-        if config.gil_switch_interval_s:
-            sys.setswitchinterval(config.gil_switch_interval_s)
+        configure_process(config, config.torch_device())
         self.model, self.device, self.dtype = load_on_device(task, config)
         self.streams = Streams(self.device, timing=config.trace_events)
         pin = self.device.type == "cuda"

@@ -30,18 +30,21 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
     """Decodes image bytes (any format PIL reads) into an RGB uint8 array of shape (size, size, 3), resized
     bilinearly with antialiasing.
 
-    JPEGs go through libjpeg-turbo and torch's uint8 resize (torchvision.io.decode_jpeg, F.interpolate): two C
-    calls that hold the GIL only briefly, about 1.7x the rate of PIL's decode + resize, and the same pixels
-    within 1 of 255. Other formats, and JPEGs libjpeg refuses (cut short, exotic), go to PIL, whose error a
-    bad file gets.
+    Where torch's intra-op pool is one thread (the engine makes it so on CUDA workers, whose CPU runs no model),
+    a JPEG goes through libjpeg-turbo and torch's uint8 resize (torchvision.io.decode_jpeg, F.interpolate): two
+    C calls that hold the GIL only briefly, about 1.8x the rate of PIL's decode + resize on 500x375 images,
+    with the same pixels within 1 of 255. Elsewhere, and for JPEGs PIL's reduced-scale decode serves better
+    (both sides at least twice `size`), too large for PIL's decompression-bomb limit, or refused by libjpeg,
+    PIL decodes and resizes on the calling thread alone, and its error is the one a bad file gets.
 
     Raises:
         ValueError: the bytes are empty.
         OSError (PIL.UnidentifiedImageError among them): the bytes are not a readable image.
+        PIL.Image.DecompressionBombError: the image has more than twice PIL's MAX_IMAGE_PIXELS.
     """
     if not data:
         raise ValueError("empty image file (0 bytes)")
-    if data.startswith(_JPEG_MAGIC):
+    if data.startswith(_JPEG_MAGIC) and _torch_path_suits(data, size):
         try:
             return _decode_resize_jpeg(data, size)
         except RuntimeError:
@@ -50,6 +53,37 @@ def decode_resize(data: bytes, size: int) -> np.ndarray:
         image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is large enough
         rgb = image.convert("RGB").resize((size, size), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _torch_path_suits(data: bytes, size: int) -> bool:
+    # With more than one intra-op thread, each decode thread's resize would start an OpenMP team of its own.
+    if torch.get_num_threads() != 1:
+        return False
+    dims = jpeg_size(data)
+    if dims is None:
+        return False
+    width, height = dims
+    limit = Image.MAX_IMAGE_PIXELS
+    return not (limit and width * height > limit) and not (width >= 2 * size and height >= 2 * size)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, or None where the markers before it do not parse."""
+    i, end = 2, len(data)
+    while i + 4 <= end and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: length, precision, height, width
+            if i + 9 > end:
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
 
 
 def _decode_resize_jpeg(data: bytes, size: int) -> np.ndarray:

@@ -296,3 +296,14 @@ def test_an_out_of_memory_caused_by_one_record_fails_that_record_and_keeps_full_
     assert [r.record["value"] for r in first if r.failure is not None] == [13.0]
     assert all(r.failure is None for r in later)
     assert model.batch_sizes == [8, 8]  # no row limit was set by that one record
+
+
+@pytest.mark.parametrize("device, threads", [("cuda", [1]), ("cpu", [])])
+def test_on_cuda_the_process_gives_torchs_cpu_ops_one_thread_and_on_cpu_leaves_them(monkeypatch, device, threads):
+    from beam_infer.engine import configure_process
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(sys, "setswitchinterval", lambda s: None)
+    configure_process(EngineConfig(), torch.device(device))
+    assert calls == threads

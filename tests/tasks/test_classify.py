@@ -7,7 +7,8 @@ from PIL import Image
 from torchvision.io import decode_jpeg
 
 from beam_infer.sample import encode, render
-from beam_infer.tasks.classify import decode_resize, decode_resize_batch, encoded_jpeg, shapes_classifier
+from beam_infer.tasks import classify
+from beam_infer.tasks.classify import decode_resize, decode_resize_batch, encoded_jpeg, jpeg_size, shapes_classifier
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -23,25 +24,71 @@ def _pil_decode_resize(data: bytes, size: int) -> np.ndarray:
         return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
-@pytest.mark.parametrize("size", [32, 64, 224])  # down- and upsampling
-def test_a_jpeg_decodes_to_the_pixels_pil_gives_within_one_level(size):
+@pytest.fixture
+def one_torch_thread(monkeypatch):
+    """As on a CUDA worker, where the engine gives torch's CPU ops one thread (configure_process)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+
+@pytest.fixture
+def torch_path_calls(monkeypatch):
+    calls = []
+    real = classify._decode_resize_jpeg
+    monkeypatch.setattr(classify, "_decode_resize_jpeg", lambda data, size: calls.append(size) or real(data, size))
+    return calls
+
+
+@pytest.mark.parametrize("size", [48, 64, 224])  # down- and upsampling (the image is 64-128 px a side)
+def test_the_torch_path_gives_the_pixels_pil_gives_within_one_level(size, one_torch_thread, torch_path_calls):
     data = encode(render(3, 1)[1], "JPEG")
     ours = decode_resize(data, size).astype(int)
-    assert ours.shape == (size, size, 3)
+    assert torch_path_calls == [size] and ours.shape == (size, size, 3)
     assert np.abs(ours - _pil_decode_resize(data, size)).max() <= 1
 
 
+def test_with_several_torch_threads_pil_decodes_so_no_decode_thread_starts_an_openmp_team(monkeypatch,
+                                                                                         torch_path_calls):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert decode_resize(encode(render(3, 1)[1], "JPEG"), 64).shape == (64, 64, 3) and torch_path_calls == []
+
+
+def test_a_jpeg_large_enough_for_a_reduced_scale_decode_goes_to_pil(one_torch_thread, torch_path_calls):
+    out = io.BytesIO()
+    Image.new("RGB", (300, 260), (200, 10, 10)).save(out, "JPEG")
+    assert decode_resize(out.getvalue(), 128).shape == (128, 128, 3) and torch_path_calls == []
+    assert decode_resize(out.getvalue(), 140).shape == (140, 140, 3) and torch_path_calls == [140]
+
+
+def test_a_decompression_bomb_is_refused_by_pil_on_either_path(monkeypatch, one_torch_thread, torch_path_calls):
+    out = io.BytesIO()
+    Image.new("RGB", (50, 40), (0, 0, 0)).save(out, "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 2,000 pixels: past twice the limit
+    with pytest.raises(Image.DecompressionBombError):
+        decode_resize(out.getvalue(), 16)
+    assert torch_path_calls == []
+
+
 @pytest.mark.parametrize("mode", ["L", "CMYK"])
-def test_grey_and_cmyk_jpegs_come_out_rgb(mode):
+def test_grey_and_cmyk_jpegs_come_out_rgb(mode, one_torch_thread, torch_path_calls):
     out = io.BytesIO()
     Image.new(mode, (50, 40), 128 if mode == "L" else (10, 20, 30, 0)).save(out, "JPEG")
-    assert np.abs(decode_resize(out.getvalue(), 16).astype(int) - _pil_decode_resize(out.getvalue(), 16)).max() <= 1
+    assert np.abs(decode_resize(out.getvalue(), 32).astype(int) - _pil_decode_resize(out.getvalue(), 32)).max() <= 1
+    assert torch_path_calls == [32]
 
 
-def test_a_jpeg_cut_short_gets_pils_error():
+def test_a_jpeg_cut_short_gets_pils_error(one_torch_thread, torch_path_calls):
     data = encode(render(5, 0)[1])
     with pytest.raises(OSError, match="truncated"):
         decode_resize(data[: len(data) // 3], 64)
+    assert torch_path_calls == [64]  # libjpeg refused it first
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_jpeg_size_reads_the_frame_header(progressive):
+    out = io.BytesIO()
+    Image.new("RGB", (321, 123), (1, 2, 3)).save(out, "JPEG", progressive=progressive)
+    assert jpeg_size(out.getvalue()) == (321, 123)
+    assert jpeg_size(b"\xff\xd8\xff\xe0" + bytes(64)) is None
 
 
 def test_empty_bytes_are_a_clear_error():
