@@ -34,7 +34,11 @@ class EngineConfig:
         max_in_flight: records submitted and not yet returned, across all bundles; `submit` blocks beyond it.
             0 means four batches.
         host_buffers: pinned host buffers per direction (one being filled, one copying, one spare).
-        trace_events: keep timed CUDA events per batch and stage (for overlap tests and profiling).
+        trace_events: keep timed CUDA events per batch and stage (for overlap tests and profiling), the last
+            4,096 spans.
+        stop_timeout_s: the longest stopping the engine (the last DoFn's teardown, interpreter exit, replacing a
+            failed run) waits for its threads; a thread still running then (stuck in a model call, say) is named
+            in an error log and left behind.
         gil_switch_interval_s: the GIL switch interval the engine sets for its process (sys.setswitchinterval;
             Python's default is 0.005); 0 leaves the process's as it is. A thread that released the GIL for C
             work (a decode step, a kernel launch) waits up to this long to get it back while a pure-Python
@@ -53,6 +57,7 @@ class EngineConfig:
     max_in_flight: int = 0
     host_buffers: int = 3
     trace_events: bool = False
+    stop_timeout_s: float = 30.0
     gil_switch_interval_s: float = 0.001
 
     def __post_init__(self) -> None:
@@ -63,6 +68,12 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight < 0:
             raise ValueError(f"EngineConfig.max_in_flight must be 0 (automatic) or more, got {self.max_in_flight}")
+        if 0 < self.max_in_flight < self.batch_size:
+            raise ValueError(f"EngineConfig.max_in_flight ({self.max_in_flight}) must be 0 (automatic: four batches) "
+                             f"or at least batch_size ({self.batch_size}): with fewer records in flight no batch "
+                             f"can fill, and each would wait max_batch_wait_s")
+        if self.stop_timeout_s < 0:
+            raise ValueError(f"EngineConfig.stop_timeout_s must not be negative, got {self.stop_timeout_s}")
         if self.gil_switch_interval_s < 0:
             raise ValueError(
                 f"EngineConfig.gil_switch_interval_s must not be negative, got {self.gil_switch_interval_s}")

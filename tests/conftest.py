@@ -56,3 +56,25 @@ def write_bad_files(directory) -> tuple[str, str]:
         f.write(data[: len(data) // 3])
     open(empty, "wb").close()
     return corrupt, empty
+
+
+class ProcessExits:
+    """Stands in for errors.exit_process in tests: records the codes the engine exited with, instead of exiting."""
+
+    def __init__(self) -> None:
+        self.codes: list[int] = []
+        self.called = threading.Event()
+
+    def __call__(self, code: int) -> None:
+        self.codes.append(code)
+        self.called.set()
+
+
+@pytest.fixture(autouse=True)
+def process_exits(monkeypatch) -> ProcessExits:
+    """No test's engine may end pytest's process: a device fault records its exit code here instead."""
+    from beam_infer.engine import errors
+
+    exits = ProcessExits()
+    monkeypatch.setattr(errors, "exit_process", exits)
+    return exits

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 import threading
@@ -25,7 +26,7 @@ from beam_infer.models.shapes_net import INPUT_SIZE, load_shapes_net
 from beam_infer.tasks.classify import decode_resize
 from pipelines.run import query_counters
 from tests.conftest import engine_threads, write_bad_files
-from tests.fakes import marking_processes, number_task, process_marks, safe, write_numbers
+from tests.fakes import marking_processes, number_task, process_marks, safe, twice, write_numbers
 
 pytestmark = pytest.mark.timeout(180)
 CPU = EngineConfig(device="cpu", batch_size=8)
@@ -273,3 +274,29 @@ def test_no_engine_thread_is_left_running_after_the_pipeline_ends(sample_dir):
 @pytest.fixture(autouse=True)
 def _quiet_tokenizers():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def test_a_postprocess_returning_none_is_a_dead_letter_and_the_job_completes():
+    task = dataclasses.replace(number_task(name="returns_none"),
+                               postprocess=lambda outs, r: None if r["id"] == "n2" else twice(outs, r))
+    records = write_numbers(safe(6))
+    with pipeline() as p:
+        out = p | beam.Create(records) | RunGpuInference(task, CPU)
+        assert_that(_ids(out.predictions), equal_to([r["id"] for r in records if r["id"] != "n2"]))
+        assert_that(out.dead_letters | beam.Map(lambda d: (d["id"], d["stage"], d["error_type"])),
+                    equal_to([("n2", "postprocess", "TypeError")]), label="DeadLetters")
+
+
+def test_a_device_fault_fails_the_job_with_a_clear_error_and_ends_the_worker_process(process_exits):
+    from beam_infer.engine import EngineFatalError
+    from beam_infer.engine.errors import FATAL_EXIT_CODE
+
+    def postprocess(outputs, record):  # a postprocess that touches the (broken) device
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    task = dataclasses.replace(number_task(name="device_fault"), postprocess=postprocess)
+    with pytest.raises(Exception, match="device fault in postprocess") as raised:
+        with pipeline() as p:
+            p | beam.Create(write_numbers(safe(8))) | RunGpuInference(task, CPU)
+    assert EngineFatalError.__name__ in str(raised.value) or isinstance(raised.value, EngineFatalError)
+    assert process_exits.called.wait(20) and process_exits.codes == [FATAL_EXIT_CODE]

@@ -96,6 +96,56 @@ def test_an_output_row_kept_by_postprocess_is_not_overwritten_when_its_pinned_bu
     assert sorted(float(r.value["row"][0]) for r in results.values()) == [2 * v for v in safe(40)]
 
 
+class _Narrow(torch.nn.Module):
+    """Returns one column of its (large) input: the forward needs almost no memory beyond the input itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x[:, :1].float()
+
+
+def test_a_real_out_of_memory_in_h2d_halves_the_batch_and_every_record_succeeds():
+    from beam_infer.task import InferenceTask
+    from tests.fakes import safe, write_numbers
+
+    row = 4 << 20  # 4 MiB per record: a batch of 64 is 256 MiB on the device
+    task = InferenceTask("narrow", _Narrow, lambda data, r: np.full(row, int(r["value"]) % 251, np.uint8),
+                         lambda outs, r: {"first": float(outs[0][0])})
+    engine = Engine(task, EngineConfig(device="cuda", dtype="float32", batch_size=64, max_batch_wait_s=1.0)).retain()
+    records = write_numbers(safe(256))
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    filler = torch.empty(free - (200 << 20), dtype=torch.uint8, device="cuda")  # leaves 200 MiB: not a whole batch
+    try:
+        results = _predict(engine, records)
+    finally:
+        del filler
+        torch.cuda.empty_cache()
+        engine.release()
+    assert all(r.failure is None for r in results.values()), [r.failure for r in results.values() if r.failure][:3]
+    assert sorted(r.value["first"] for r in results.values()) == sorted(float(int(v) % 251) for v in safe(256))
+    assert engine.row_limits.get("h2d") is not None and engine.row_limits.get("h2d") < 64
+
+
+def test_a_device_side_assert_ends_the_worker_process_with_a_clear_error():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    from beam_infer.engine.errors import FATAL_EXIT_CODE
+
+    root = pathlib.Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-m", "tests.engine.fatal_worker", "cuda"], capture_output=True,
+                          text=True, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == FATAL_EXIT_CODE, done.stdout + done.stderr[-3000:]
+    assert "bundle failed: " in done.stdout and "device fault in" in done.stdout, done.stdout
+    assert "still alive" not in done.stdout
+
+
 def test_nvjpeg_batch_with_a_corrupt_jpeg_dead_letters_it_and_predicts_the_rest_like_the_cpu(sample_dir):
     # Last in this file: should nvJPEG break the CUDA context, the tests before have already run.
     from tests.conftest import write_bad_files

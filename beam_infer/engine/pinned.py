@@ -12,16 +12,29 @@ import torch
 
 
 class Lease:
-    """One buffer taken from a pool, viewed as the shape and dtype asked for; give it back with `release`."""
+    """One buffer taken from a pool, viewed as the shape and dtype asked for; give it back with `release`, or use
+    it as a context manager. Releasing twice gives it back once."""
 
     def __init__(self, pool: BufferPool, slot: int, tensor: torch.Tensor) -> None:
         self._pool = pool
         self._slot = slot
+        self._released = False
+        self._lock = threading.Lock()
         self.tensor = tensor
 
     def release(self, fence: torch.cuda.Event | None = None) -> None:
         """Returns the buffer; the next user waits for `fence` (the last copy reading or writing it)."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
         self._pool._give_back(self._slot, fence)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class BufferPool:
@@ -47,15 +60,23 @@ class BufferPool:
         with self._cond:
             self._cond.wait_for(lambda: self._free)
             slot = self._free.pop()
-        fence, self._fences[slot] = self._fences[slot], None
-        if fence is not None:
-            fence.synchronize()
-        storage = self._storage[slot]
-        if storage is None or storage.numel() < nbytes:
-            storage = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self._pin)
-            self._storage[slot] = storage
-            self.allocations += 1
-        return Lease(self, slot, storage[:nbytes].view(dtype).view(tuple(shape)))
+        fence = self._fences[slot]
+        try:  # the slot goes back whatever fails here: a leaked slot would block every later acquire
+            if fence is not None:
+                fence.synchronize()  # raises on a device fault: the slot keeps its fence
+                self._fences[slot] = fence = None
+            storage = self._storage[slot]
+            if storage is None or storage.numel() < nbytes:
+                self._storage[slot] = None  # an old buffer too small is freed before its successor is allocated
+                storage = self._storage[slot] = self._allocate(max(nbytes, 1))
+                self.allocations += 1
+            return Lease(self, slot, storage[:nbytes].view(dtype).view(tuple(shape)))
+        except BaseException:
+            self._give_back(slot, fence)
+            raise
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._pin)
 
     def _give_back(self, slot: int, fence: torch.cuda.Event | None) -> None:
         with self._cond:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +40,12 @@ class Workers:
             except BaseException as e:  # noqa: BLE001 - reported to the owner; the worker stays alive
                 self._handle_error(e)
 
-    def stop(self, *, cancel: bool) -> None:
-        """Ends the threads after the calls already queued (dropped first when `cancel`) and joins them."""
+    def stop(self, *, cancel: bool, deadline: float | None = None) -> list[str]:
+        """Ends the threads after the calls already queued (dropped first when `cancel`) and joins them.
+
+        Returns:
+            The names of the threads still running at `deadline` (time.monotonic()); none without a deadline.
+        """
         if cancel:
             try:
                 while True:
@@ -50,4 +55,5 @@ class Workers:
         for _ in self._threads:
             self._queue.put(_STOP)
         for t in self._threads:
-            t.join()
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return [t.name for t in self._threads if t.is_alive()]

@@ -143,9 +143,11 @@ def test_submit_blocks_when_the_engine_is_full():
     engine.release()
 
 
-def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it():
+def test_a_bug_in_a_stage_fails_the_bundle_instead_of_hanging_it(monkeypatch):
+    from beam_infer.engine.run import Run
+
     engine = make_engine(batch_size=2)
-    engine._postprocess = lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug"))
+    monkeypatch.setattr(Run, "_postprocess", lambda *a: (_ for _ in ()).throw(RuntimeError("stage bug")))
     bundle = engine.open_bundle()
     for r in write_numbers([1, 2]):
         bundle.submit(r)
@@ -260,7 +262,7 @@ def test_every_record_gives_back_exactly_its_one_slot_of_room_whatever_stage_it_
     records = write_numbers(values) + [{"id": "missing", "uri": "/no/such/file.bin", "value": 0.0}]
     out = run_all(engine, records)
     assert len(out) == len(records)
-    assert engine._room.qsize() == 16  # not fewer (a leak: submit would block), not more (a record finished twice)
+    assert engine._run._room.qsize() == 16  # not fewer (a leak: submit would block), not more (a record finished twice)
     engine.release()
 
 

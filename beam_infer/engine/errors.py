@@ -1,0 +1,108 @@
+"""Who owns a failure: the one classifier every stage of the engine asks, and what a fatal error does.
+
+    RECORD  that record's dead letter; the rest go on
+    BATCH   that batch's records fail (an out-of-memory error is halved first); the engine goes on
+    RUN     the engine's run fails: its waiting bundles raise EngineError, the next bundle gets a fresh run
+    FATAL   a sticky device fault: the bundles fail and the worker process exits non-zero, so the runner
+            replaces it and retries its bundles on a healthy worker
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+
+FATAL_EXIT_CODE = 70  # EX_SOFTWARE (sysexits.h): what the worker process exits with after a device fault
+
+# Messages of CUDA faults that torch raised as a plain RuntimeError before torch.AcceleratorError (2.8), and that
+# some libraries still re-raise that way. Each leaves the CUDA context unusable for the rest of the process.
+_DEVICE_FAULT_MESSAGES = ("cuda error", "device-side assert", "illegal memory access", "cudaerrorillegaladdress",
+                          "unspecified launch failure", "an illegal instruction", "misaligned address")
+_ACCELERATOR_ERROR: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
+
+
+class Owner(enum.Enum):
+    RECORD = "record"
+    BATCH = "batch"
+    RUN = "run"
+    FATAL = "fatal"
+
+
+class EngineError(RuntimeError):
+    """An engine thread failed outside any one record's handling; the bundles waiting on it cannot finish."""
+
+
+class EngineFatalError(EngineError):
+    """A device fault (an illegal address, a device-side assert): this worker process cannot use its device any
+    more and exits; the runner retries its bundles on another worker."""
+
+
+def owner_of(error: BaseException, scope: Owner) -> Owner:
+    """Who `error` belongs to, raised by code whose own failures belong to `scope`.
+
+    Args:
+        error: what was raised.
+        scope: RECORD inside one record's handling (fetch, preprocess, postprocess, a bisected model call on one
+            row), BATCH inside a batch's (collate, a copy), RUN in a stage thread's own logic.
+
+    Returns:
+        FATAL for a sticky device fault wherever it is raised; RUN for a BaseException that is not an Exception
+        (asyncio.CancelledError, KeyboardInterrupt, SystemExit: no record or batch explains them); else `scope`.
+    """
+    if is_device_fault(error):
+        return Owner.FATAL
+    if not isinstance(error, Exception):
+        return Owner.RUN
+    return scope
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, also as torchvision's nvJPEG reports it (a RuntimeError with the message).
+    Not sticky: freeing memory and trying fewer rows may succeed."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """A CUDA error other than out-of-memory, in `error` or the errors it was raised from.
+
+    Such errors are sticky (every later CUDA call of the process fails) and asynchronous (they surface at a later
+    synchronisation, often in another batch), so no record or batch can be blamed and bisection would only
+    dead-letter innocent records.
+    """
+    for e in _chain(error):
+        if is_out_of_memory(e):
+            return False
+        if isinstance(e, _ACCELERATOR_ERROR):
+            return True
+        if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _DEVICE_FAULT_MESSAGES):
+            return True
+    return False
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def exit_process(code: int) -> None:
+    """Ends the worker process at once, as a crashed SDK harness would, after flushing the logs.
+
+    os._exit, not sys.exit: this runs on an engine thread, and threads blocked on a broken device must not hold
+    the exit up. Tests replace this function.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
