@@ -53,6 +53,9 @@ class _GpuInferenceDoFn(beam.DoFn):
         self._engines_built = len(built)
 
     def start_bundle(self) -> None:
+        if getattr(self, "_bundle", None) is not None:  # the last bundle was abandoned (an error downstream)
+            self._bundle.close()
+        self._bundle = None
         self._bundle = self._engine.open_bundle()
         self._counts: Counter[str] = Counter()
 

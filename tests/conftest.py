@@ -63,18 +63,22 @@ class ProcessExits:
 
     def __init__(self) -> None:
         self.codes: list[int] = []
+        self.messages: list[str] = []
         self.called = threading.Event()
 
-    def __call__(self, code: int) -> None:
+    def __call__(self, code: int, message: str) -> None:
         self.codes.append(code)
+        self.messages.append(message)
         self.called.set()
 
 
 @pytest.fixture(autouse=True)
 def process_exits(monkeypatch) -> ProcessExits:
-    """No test's engine may end pytest's process: a device fault records its exit code here instead."""
-    from beam_infer.engine import errors
+    """No test's engine may end pytest's process: a device fault records its exit code here instead, and the
+    process-wide device-fault verdict starts clean for each test."""
+    from beam_infer.engine import errors, health
 
     exits = ProcessExits()
     monkeypatch.setattr(errors, "exit_process", exits)
+    monkeypatch.setattr(health, "_PROCESS", health._ProcessHealth())
     return exits

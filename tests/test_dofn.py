@@ -300,3 +300,17 @@ def test_a_device_fault_fails_the_job_with_a_clear_error_and_ends_the_worker_pro
             p | beam.Create(write_numbers(safe(8))) | RunGpuInference(task, CPU)
     assert EngineFatalError.__name__ in str(raised.value) or isinstance(raised.value, EngineFatalError)
     assert process_exits.called.wait(20) and process_exits.codes == [FATAL_EXIT_CODE]
+
+
+def test_a_bundle_abandoned_after_a_failure_downstream_is_forgotten_when_the_next_bundle_starts():
+    dofn = _GpuInferenceDoFn(number_task(name="abandoned"), CPU)
+    first, second = write_numbers(safe(2))
+    dofn.setup()
+    dofn.start_bundle()
+    list(dofn.process(first, window=window.GlobalWindow(), timestamp=Timestamp(0)))
+    health = dofn._engine._run.health  # the runner drops that bundle: no finish_bundle
+    dofn.start_bundle()
+    list(dofn.process(second, window=window.GlobalWindow(), timestamp=Timestamp(0)))
+    list(dofn.finish_bundle())
+    assert health.wait_for_no_open_bundle(0)  # else a device fault's exit would wait its whole grace for it
+    dofn.teardown()

@@ -69,18 +69,21 @@ def _bisect(fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
                 raise ValueError(f"{stage} must return tensors with the batch ({stop - start}) as their "
                                  f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
         chunks.append((start, stop, outs))
+        return
     except BaseException as e:  # noqa: BLE001 - the classifier decides; only a record's error is bisected
         if owner_of(e, Owner.RECORD) is not Owner.RECORD:
             raise
-        out_of_memory = is_out_of_memory(e)
-        if out_of_memory:
-            torch.cuda.empty_cache()
-        if stop - start == 1:
-            failures.append((start, Failure.of(stage, e)))
-            return
-        failed_before = len(failures)
-        mid = (start + stop) // 2
-        _bisect(fn, x, start, mid, stage, limits, chunks, failures)
-        _bisect(fn, x, mid, stop, stage, limits, chunks, failures)
-        if out_of_memory and len(failures) == failed_before:  # the size, not a record: later calls go smaller
-            limits.lower(stage, stop - start)
+        failure, out_of_memory = Failure.of(stage, e), is_out_of_memory(e)
+    # Out of the except clause: its traceback no longer holds the failed call's frames, so the memory of their
+    # tensors is free again for the halves (PyTorch's FAQ on recovering from out-of-memory errors).
+    if out_of_memory:
+        torch.cuda.empty_cache()
+    if stop - start == 1:
+        failures.append((start, failure))
+        return
+    failed_before = len(failures)
+    mid = (start + stop) // 2
+    _bisect(fn, x, start, mid, stage, limits, chunks, failures)
+    _bisect(fn, x, mid, stop, stage, limits, chunks, failures)
+    if out_of_memory and len(failures) == failed_before:  # the size, not a record: later calls go smaller
+        limits.lower(stage, stop - start)

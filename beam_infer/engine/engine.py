@@ -26,10 +26,10 @@ import torch
 from beam_infer.config import EngineConfig
 from beam_infer.engine.accounting import Stats
 from beam_infer.engine.chunks import RowLimits
-from beam_infer.engine.errors import EngineError, EngineFatalError  # noqa: F401 - re-exported
-from beam_infer.engine.health import WAKE
+from beam_infer.engine.errors import EngineError, EngineFatalError, EngineStateError
+from beam_infer.engine.health import WAKE, bundle_asked_after_fault, process_fault
 from beam_infer.engine.results import Result
-from beam_infer.engine.run import HEALTH_CHECK_S, Item, Run
+from beam_infer.engine.run import DEVICE_THREADS, HEALTH_CHECK_S, Item, Run
 from beam_infer.engine.streams import Streams
 from beam_infer.task import InferenceTask, Record
 
@@ -93,6 +93,10 @@ class Bundle:
         if self._health.error is not None or self._health.stopped:
             self._close()
             self._health.raise_if_failed()
+
+    def close(self) -> None:
+        """Forgets the bundle (a DoFn whose bundle was abandoned: a failure downstream, say) without waiting."""
+        self._close()
 
     def _close(self) -> None:
         if self._open:
@@ -172,7 +176,7 @@ class Engine:
         with self._lifecycle:
             self._users = 0
             if self._run is not None:
-                self._stop()
+                self._stop(exiting=True)
 
     @property
     def running(self) -> bool:
@@ -184,15 +188,19 @@ class Engine:
         Raises:
             EngineError: the engine is not running (no retain), or EngineFatalError after a device fault.
         """
+        fault = process_fault()
+        if fault is not None:
+            bundle_asked_after_fault()  # the harness has reported the bundles that failed: the exit may go on
+            raise EngineFatalError(str(fault)) from fault.__cause__
         with self._lifecycle:
             run = self._run
             if run is None:
                 raise EngineError("open_bundle() on an engine that is not running: call retain() first")
             if run.error is not None:
-                if run.health.fatal:
-                    run.health.raise_if_failed()
                 _LOG.warning("beam_infer: replacing the failed engine run of %s with a fresh one", self.task.name)
                 self._stop()
+                if process_fault() is not None:  # its device threads did not stop: the worker cannot go on
+                    run.health.raise_if_failed()
                 self._start()
             return Bundle(self._run)
 
@@ -207,13 +215,19 @@ class Engine:
         self._run = Run(self)
         self.runs_started += 1
 
-    def _stop(self) -> list[str]:
+    def _stop(self, *, exiting: bool = False) -> None:
+        """Stops the current run. A device thread that does not stop leaves the engine's state unknown (a new run
+        would call the model beside it): fatal, unless the interpreter is exiting anyway."""
         run, self._run = self._run, None
         stuck = run.stop(self.config.stop_timeout_s)
-        if stuck:
-            _LOG.error("beam_infer: engine threads of %s did not stop within %.1fs and are left running: %s",
-                       self.task.name, self.config.stop_timeout_s, ", ".join(stuck))
-        return stuck
+        if not stuck:
+            return
+        message = (f"engine threads of {self.task.name} did not stop within {self.config.stop_timeout_s:.1f}s and "
+                   f"are left running: {', '.join(stuck)}")
+        if exiting or not set(stuck) & set(DEVICE_THREADS):
+            _LOG.error("beam_infer: %s", message)
+        else:
+            run.health.fail(EngineStateError(message), "stop")
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

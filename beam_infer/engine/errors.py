@@ -19,10 +19,9 @@ import torch
 
 FATAL_EXIT_CODE = 70  # EX_SOFTWARE (sysexits.h): what the worker process exits with after a device fault
 
-# Messages of CUDA faults that torch raised as a plain RuntimeError before torch.AcceleratorError (2.8), and that
-# some libraries still re-raise that way. Each leaves the CUDA context unusable for the rest of the process.
-_DEVICE_FAULT_MESSAGES = ("cuda error", "device-side assert", "illegal memory access", "cudaerrorillegaladdress",
-                          "unspecified launch failure", "an illegal instruction", "misaligned address")
+# How torch's CUDA checks word a CUDA error (C10_CUDA_CHECK); before torch.AcceleratorError (2.8) they were plain
+# RuntimeErrors, and some libraries still re-raise them that way. Out-of-memory errors are told apart first.
+_CUDA_ERROR_MESSAGE = "cuda error:"
 _ACCELERATOR_ERROR: tuple[type[BaseException], ...] = tuple(
     t for t in (getattr(torch, "AcceleratorError", None),) if t is not None)
 
@@ -36,6 +35,10 @@ class Owner(enum.Enum):
 
 class EngineError(RuntimeError):
     """An engine thread failed outside any one record's handling; the bundles waiting on it cannot finish."""
+
+
+class EngineStateError(RuntimeError):
+    """The engine's state can no longer be trusted (a stage thread that would not stop): as fatal as a device fault."""
 
 
 class EngineFatalError(EngineError):
@@ -52,10 +55,11 @@ def owner_of(error: BaseException, scope: Owner) -> Owner:
             row), BATCH inside a batch's (collate, a copy), RUN in a stage thread's own logic.
 
     Returns:
-        FATAL for a sticky device fault wherever it is raised; RUN for a BaseException that is not an Exception
-        (asyncio.CancelledError, KeyboardInterrupt, SystemExit: no record or batch explains them); else `scope`.
+        FATAL for a sticky device fault wherever it is raised, and for an EngineStateError; RUN for a
+        BaseException that is not an Exception (asyncio.CancelledError, KeyboardInterrupt, SystemExit: no record
+        or batch explains them); else `scope`.
     """
-    if is_device_fault(error):
+    if is_device_fault(error) or isinstance(error, EngineStateError):
         return Owner.FATAL
     if not isinstance(error, Exception):
         return Owner.RUN
@@ -70,7 +74,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def is_device_fault(error: BaseException) -> bool:
-    """A CUDA error other than out-of-memory, in `error` or the errors it was raised from.
+    """A CUDA error other than out-of-memory, in `error` or the errors it was raised from (its __cause__, and its
+    __context__ unless `raise … from None` suppressed it: an error a handler turned into its own is not the device's).
 
     Such errors are sticky (every later CUDA call of the process fails) and asynchronous (they surface at a later
     synchronisation, often in another batch), so no record or batch can be blamed and bisection would only
@@ -81,7 +86,7 @@ def is_device_fault(error: BaseException) -> bool:
             return False
         if isinstance(e, _ACCELERATOR_ERROR):
             return True
-        if isinstance(e, RuntimeError) and any(m in str(e).lower() for m in _DEVICE_FAULT_MESSAGES):
+        if isinstance(e, RuntimeError) and _CUDA_ERROR_MESSAGE in str(e).lower():
             return True
     return False
 
@@ -92,17 +97,19 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         yield e
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
 
 
-def exit_process(code: int) -> None:
-    """Ends the worker process at once, as a crashed SDK harness would, after flushing the logs.
+def exit_process(code: int, message: str) -> None:
+    """Ends the worker process at once, as a crashed SDK harness would, with `message` written to stderr first.
 
     os._exit, not sys.exit: this runs on an engine thread, and threads blocked on a broken device must not hold
-    the exit up. Tests replace this function.
+    the exit up. stderr directly, besides the logs: a runner's log handler (Beam's FnApiLogRecordHandler) may
+    ship records from a thread that the exit ends. Tests replace this function.
     """
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stdout.flush()
+    sys.stderr.write(message + "\n")
     sys.stderr.flush()
     os._exit(code)

@@ -41,6 +41,7 @@ _LOG = logging.getLogger(__name__)
 _QUEUE_DEPTH = 2  # batches waiting between batch→forward and forward→unload: one in flight per boundary
 HEALTH_CHECK_S = 1.0  # how often a caller blocked on the run (room, results) looks whether it has failed
 _STOP = object()  # sent down the stage queues to end the threads
+DEVICE_THREADS = ("beam_infer-batch", "beam_infer-forward", "beam_infer-unload")  # the threads that use the device
 _WAKE = object()  # makes the batch thread look again at a draining bundle
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds a preprocess may return: bool, int, uint, float
 
@@ -93,11 +94,11 @@ class Run:
         self._decode_pool = Workers("beam_infer-decode", c.decode_pool_size, lambda e: self.fail(e, "preprocess"))
         self._post_pool = Workers("beam_infer-post", c.postprocess_threads, lambda e: self.fail(e, "postprocess"))
         self._threads = [
-            threading.Thread(target=self._batch_thread, name="beam_infer-batch", daemon=True),
+            threading.Thread(target=self._batch_thread, name=DEVICE_THREADS[0], daemon=True),
             threading.Thread(target=self._run_stage, args=(self._to_forward, self._forward, self._to_unload,
-                                                           "forward"), name="beam_infer-forward", daemon=True),
+                                                           "forward"), name=DEVICE_THREADS[1], daemon=True),
             threading.Thread(target=self._run_stage, args=(self._to_unload, self._unload, None, "d2h"),
-                             name="beam_infer-unload", daemon=True),
+                             name=DEVICE_THREADS[2], daemon=True),
         ]
         for t in self._threads:
             t.start()
@@ -290,7 +291,8 @@ class Run:
         Returns:
             Whether every item went on to forward.
         """
-        number = self._engine.next_batch_number()
+        if self.error is not None:
+            return False
         t0 = time.perf_counter()
         stage, lease = "collate", None
         try:
@@ -307,20 +309,25 @@ class Run:
         except BaseException as e:  # noqa: BLE001 - the classifier decides who owns it
             if lease is not None:
                 lease.release()  # nothing was copied from it, or the copy failed
-            if stage == "h2d" and is_out_of_memory(e) and len(items) > 1:
-                torch.cuda.empty_cache()
-                half = len(items) // 2
-                first, second = self._copy_in(items[:half]), self._copy_in(items[half:])
-                if first and second:  # the size, not a record: later batches go in smaller parts
-                    self._engine.row_limits.lower("h2d", len(items))
-                return first and second
-            self._batch_failed(items, stage, e, number)
-            return False
-        self._stats.busy("collate", t1 - t0 - waited)
-        self._stats.busy("h2d", time.perf_counter() - t1)
-        self._trace(number, "h2d", start, h2d_done)
-        self._to_forward.put(Batch(number, items, lease, device_input, h2d_done))
-        return True
+            halve = stage == "h2d" and is_out_of_memory(e) and len(items) > 1
+            if not halve:
+                self._batch_failed(items, stage, e, self._engine.next_batch_number())
+                return False
+        else:
+            number = self._engine.next_batch_number()
+            self._stats.busy("collate", t1 - t0 - waited)
+            self._stats.busy("h2d", time.perf_counter() - t1)
+            self._trace(number, "h2d", start, h2d_done)
+            self._to_forward.put(Batch(number, items, lease, device_input, h2d_done))
+            return True
+        # Out of the except clause, so that its traceback frees what the failed copy held (see chunks._bisect).
+        torch.cuda.empty_cache()
+        _LOG.warning("beam_infer: CUDA out of memory copying %d records to the device; in halves", len(items))
+        half = len(items) // 2
+        first, second = self._copy_in(items[:half]), self._copy_in(items[half:])
+        if first and second:  # the size, not a record: later batches go in smaller parts
+            self._engine.row_limits.lower("h2d", len(items))
+        return first and second
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """Starts the copy of a pinned host batch to the device on the H2D stream (on the CPU: the batch itself)."""

@@ -54,3 +54,18 @@ def test_an_ordinary_exception_belongs_to_the_scope_that_raised_it(scope):
 def test_a_base_exception_that_is_not_an_exception_fails_the_run_not_a_record(error):
     assert owner_of(error, Owner.RECORD) is Owner.RUN
     assert owner_of(error, Owner.BATCH) is Owner.RUN
+
+
+def test_an_error_a_handler_raised_from_none_is_not_the_devices():
+    try:
+        try:
+            raise torch.AcceleratorError(ILLEGAL_ADDRESS)
+        except torch.AcceleratorError:
+            raise ValueError("corrupt image") from None
+    except ValueError as e:
+        error = e
+    assert not is_device_fault(error) and owner_of(error, Owner.RECORD) is Owner.RECORD
+
+
+def test_a_message_that_only_mentions_cuda_is_not_a_device_fault():
+    assert not is_device_fault(RuntimeError("this model was exported for CUDA; running it on the CPU"))

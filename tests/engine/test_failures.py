@@ -3,12 +3,12 @@ follows. Each test here reproduces one defect of issue 9 on the CPU, with fake m
 
 import asyncio
 import dataclasses
-import logging
 import os
 import pathlib
 import subprocess
 import sys
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -90,12 +90,31 @@ def test_a_device_fault_in_forward_fails_the_bundle_and_exits_the_worker_without
             bundle.submit(r)
             results += bundle.poll()
         results += list(bundle.drain())
-    assert process_exits.called.wait(_JOIN_S) and process_exits.codes == [FATAL_EXIT_CODE]
     assert model.calls == 3  # no bisection: with it, 2 * 16 - 1 more calls on a broken device
     assert not [r for r in results if r.failure is not None]  # no innocent record blamed as a dead letter
+    # The harness reports the failed bundle before it asks for the next one: the exit waits for that ask.
+    assert not process_exits.called.is_set()
     with pytest.raises(EngineFatalError):
         engine.open_bundle()  # the worker is going away: no new bundle starts on it
+    assert process_exits.called.wait(_JOIN_S) and process_exits.codes == [FATAL_EXIT_CODE]
+    assert "device fault in forward of batch 2" in process_exits.messages[0]
     engine.release()
+
+
+def test_after_a_device_fault_an_engine_released_and_retained_again_still_refuses_bundles(process_exits):
+    engine = make_engine(_FaultFromCall(first_bad=1), batch_size=4)
+    with pytest.raises(EngineFatalError):
+        run_all(engine, write_numbers(safe(4)))
+    engine.release()  # the failed DoFn's teardown
+    engine.retain()  # a new DoFn instance's setup on the same worker
+    with pytest.raises(EngineFatalError, match="device fault in forward"):
+        engine.open_bundle()
+    other = make_engine(batch_size=4)  # another model's engine in the same process: the device is the same
+    with pytest.raises(EngineFatalError):
+        other.open_bundle()
+    assert process_exits.called.wait(_JOIN_S)
+    engine.release()
+    other.release()
 
 
 def _cuda_fault_in(stage):
@@ -110,6 +129,8 @@ def test_a_device_fault_in_a_record_stage_is_fatal_not_that_records_dead_letter(
     engine = make_engine(task=task, batch_size=4)
     with pytest.raises(EngineFatalError, match=f"device fault in {stage}"):
         run_all(engine, write_numbers(safe(8)))
+    with pytest.raises(EngineFatalError):
+        engine.open_bundle()
     assert process_exits.called.wait(_JOIN_S) and process_exits.codes == [FATAL_EXIT_CODE]
     engine.release()
 
@@ -239,25 +260,49 @@ class _Stuck(Doubler):
     def __init__(self):
         super().__init__(gate=threading.Event())
         self.entered = threading.Event()
+        self.calls_started = 0
 
     def forward(self, x):
+        self.calls_started += 1
         self.entered.set()
         return super().forward(x)
 
 
-def test_stopping_names_a_thread_that_does_not_stop_and_returns(caplog):
+def test_a_device_thread_that_does_not_stop_is_named_and_ends_the_worker_instead_of_hanging(process_exits):
     model = _Stuck()
     engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=0.5)
     bundle = engine.open_bundle()
     for r in write_numbers(safe(4)):
         bundle.submit(r)
-    gate = model.gate
     assert model.entered.wait(_JOIN_S)
-    with caplog.at_level(logging.ERROR):
-        finished, _, _ = in_thread(engine.release)  # the forward thread is stuck in the model
-    gate.set()
-    assert finished
-    assert "did not stop within 0.5s" in caplog.text and "beam_infer-forward" in caplog.text
+    finished, _, _ = in_thread(engine.release)  # the forward thread is stuck in the model
+    try:
+        assert finished
+        with pytest.raises(EngineFatalError, match=r"did not stop within 0.5s .*beam_infer-forward"):
+            bundle.poll()
+        with pytest.raises(EngineFatalError):
+            engine.open_bundle()  # a new run would call the model beside the stuck one
+        assert process_exits.called.wait(_JOIN_S) and process_exits.codes == [FATAL_EXIT_CODE]
+    finally:
+        model.gate.set()
+
+
+def test_a_failed_run_whose_forward_will_not_stop_is_not_replaced_but_ends_the_worker(process_exits):
+    model = _Stuck()
+    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=0.5)
+    bundle = engine.open_bundle()
+    for r in write_numbers(safe(2)):
+        bundle.submit(r)
+    assert model.entered.wait(_JOIN_S)
+    engine._run.fail(RuntimeError("stage bug"), "batch")
+    try:
+        with pytest.raises(EngineFatalError, match="beam_infer-forward"):
+            engine.open_bundle()
+        assert process_exits.called.wait(_JOIN_S) and process_exits.codes == [FATAL_EXIT_CODE]
+        assert model.calls_started == 1  # never a second forward beside the stuck one
+    finally:
+        model.gate.set()
+    engine.release()
 
 
 def test_a_batch_drops_its_device_input_once_forward_and_d2h_are_queued(monkeypatch):
@@ -364,6 +409,36 @@ def test_an_out_of_memory_error_in_h2d_halves_the_batch_and_later_batches_go_in_
     assert all(r.failure is None and r.value["doubled"] == 2 * r.record["value"] for r in first + later)
     assert calls == [2] * 8  # the limit learnt: no further out-of-memory errors
     assert model.batch_sizes == [2] * 12
+
+
+class _HoldsActivations(Doubler):
+    """Allocates an 'activation' in each call and runs out of memory above 2 rows; records, at the start of each
+    call, how many activations of earlier (failed) calls are still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.activations = []
+        self.alive_at_call = []
+
+    def forward(self, x):
+        self.alive_at_call.append(sum(ref() is not None for ref in self.activations))
+        return self._layer(x)
+
+    def _layer(self, x):
+        activation = torch.empty(1 << 16)
+        self.activations.append(weakref.ref(activation))
+        if len(x) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return x * self.scale
+
+
+def test_the_halves_after_an_out_of_memory_error_run_with_the_failed_calls_memory_freed():
+    model = _HoldsActivations()
+    engine = make_engine(model, batch_size=8)
+    out = run_all(engine, write_numbers(safe(8)))
+    engine.release()
+    assert all(r.failure is None for r in out)
+    assert model.alive_at_call == [0] * 7  # a retry inside the except clause would keep the failed frames alive
 
 
 def test_one_record_too_large_for_h2d_on_its_own_fails_in_h2d(monkeypatch):
