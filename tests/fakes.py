@@ -99,3 +99,14 @@ def process_marks(directory: str) -> tuple[Counter[int], set[int]]:
     """(model loads per process id, ids of the processes that postprocessed records) left by marking_processes."""
     names = [n.split("-") for n in os.listdir(directory)]
     return Counter(int(n[1]) for n in names if n[0] == "load"), {int(n[1]) for n in names if n[0] == "rows"}
+
+
+def run_all(engine, records) -> list:
+    """Submits `records` to `engine` as one bundle, polling as a DoFn's process() does, and drains it."""
+    bundle = engine.open_bundle()
+    out = []
+    for r in records:
+        bundle.submit(r)
+        out += bundle.poll()
+    out += list(bundle.drain())
+    return out

@@ -7,19 +7,18 @@ import torch
 from beam_infer.config import EngineConfig
 from beam_infer.engine import Engine, EngineError
 from tests.conftest import engine_threads
-from tests.fakes import POISON_FORWARD, POISON_POSTPROCESS, POISON_PREPROCESS, Doubler, number_task, safe, write_numbers
+from tests.fakes import (
+    POISON_FORWARD,
+    POISON_POSTPROCESS,
+    POISON_PREPROCESS,
+    Doubler,
+    number_task,
+    run_all,
+    safe,
+    write_numbers,
+)
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def run_all(engine, records):
-    bundle = engine.open_bundle()
-    out = []
-    for r in records:
-        bundle.submit(r)
-        out += bundle.poll()
-    out += list(bundle.drain())
-    return out
 
 
 def make_engine(model=None, **config):

@@ -21,7 +21,7 @@ from beam_infer.engine.errors import FATAL_EXIT_CODE
 from beam_infer.engine.pinned import BufferPool
 from beam_infer.engine.run import Run
 from tests.conftest import engine_threads
-from tests.fakes import Doubler, number_task, read_number, safe, twice, write_numbers
+from tests.fakes import Doubler, number_task, read_number, run_all, safe, twice, write_numbers
 
 pytestmark = pytest.mark.timeout(60)
 ILLEGAL_ADDRESS = "CUDA error: an illegal memory access was encountered"
@@ -31,16 +31,6 @@ _JOIN_S = 20  # the longest a test waits for a thread that, with the defect, wou
 def make_engine(model=None, task=None, **config):
     config = {"device": "cpu", "max_batch_wait_s": 10.0, **config}
     return Engine(task or number_task(model), EngineConfig(**config)).retain()
-
-
-def run_all(engine, records):
-    bundle = engine.open_bundle()
-    out = []
-    for r in records:
-        bundle.submit(r)
-        out += bundle.poll()
-    out += list(bundle.drain())
-    return out
 
 
 def in_thread(fn, *args):
@@ -268,13 +258,19 @@ class _Stuck(Doubler):
         return super().forward(x)
 
 
-def test_a_device_thread_that_does_not_stop_is_named_and_ends_the_worker_instead_of_hanging(process_exits):
+def stuck_in_forward(records: int):
+    """(model, engine, bundle): `records` submitted, the engine's forward thread blocked in the model."""
     model = _Stuck()
     engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=0.5)
     bundle = engine.open_bundle()
-    for r in write_numbers(safe(4)):
+    for r in write_numbers(safe(records)):
         bundle.submit(r)
     assert model.entered.wait(_JOIN_S)
+    return model, engine, bundle
+
+
+def test_a_device_thread_that_does_not_stop_is_named_and_ends_the_worker_instead_of_hanging(process_exits):
+    model, engine, bundle = stuck_in_forward(4)
     finished, _, _ = in_thread(engine.release)  # the forward thread is stuck in the model
     try:
         assert finished
@@ -288,12 +284,7 @@ def test_a_device_thread_that_does_not_stop_is_named_and_ends_the_worker_instead
 
 
 def test_a_failed_run_whose_forward_will_not_stop_is_not_replaced_but_ends_the_worker(process_exits):
-    model = _Stuck()
-    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=0.5)
-    bundle = engine.open_bundle()
-    for r in write_numbers(safe(2)):
-        bundle.submit(r)
-    assert model.entered.wait(_JOIN_S)
+    model, engine, _ = stuck_in_forward(2)
     engine._run.fail(RuntimeError("stage bug"), "batch")
     try:
         with pytest.raises(EngineFatalError, match="beam_infer-forward"):
