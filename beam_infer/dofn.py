@@ -92,6 +92,9 @@ class _GpuInferenceDoFn(beam.DoFn):
             Metrics.counter(METRICS_NAMESPACE, "batched_records").inc(sum(batch_sizes))
 
     def teardown(self) -> None:
+        if getattr(self, "_bundle", None) is not None:  # a bundle that failed: the harness discards this instance
+            self._bundle.close()
+            self._bundle = None
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.release()

@@ -314,3 +314,13 @@ def test_a_bundle_abandoned_after_a_failure_downstream_is_forgotten_when_the_nex
     list(dofn.finish_bundle())
     assert health.wait_for_no_open_bundle(0)  # else a device fault's exit would wait its whole grace for it
     dofn.teardown()
+
+
+def test_teardown_forgets_the_bundle_of_a_failed_instance_that_the_harness_discards():
+    dofn = _GpuInferenceDoFn(number_task(name="discarded"), CPU)
+    dofn.setup()
+    dofn.start_bundle()
+    list(dofn.process(write_numbers(safe(1))[0], window=window.GlobalWindow(), timestamp=Timestamp(0)))
+    health = dofn._engine._run.health
+    dofn.teardown()  # finish_bundle never ran: the bundle failed downstream
+    assert health.wait_for_no_open_bundle(0)

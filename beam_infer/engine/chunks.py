@@ -58,9 +58,13 @@ def call_in_chunks(fn: Callable[[Any], Any], x: Any, rows: int, stage: str,
 
 
 def _bisect(fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str, limits: RowLimits,
-            chunks: list[Chunk], failures: list[tuple[int, Failure]]) -> None:
+            chunks: list[Chunk], failures: list[tuple[int, Failure]]) -> bool:
     """Runs `fn` on rows [start, stop); on a record-level error, bisects down to the records that cause it, so
-    the others go on (halving is also the answer to a CUDA out-of-memory error)."""
+    the others go on (halving is also the answer to a CUDA out-of-memory error).
+
+    Returns:
+        Whether the call on [start, stop) itself ran out of memory.
+    """
     try:
         outs = fn(x[start:stop])
         outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
@@ -69,7 +73,7 @@ def _bisect(fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
                 raise ValueError(f"{stage} must return tensors with the batch ({stop - start}) as their "
                                  f"first dimension, got {getattr(out, 'shape', type(out).__name__)}")
         chunks.append((start, stop, outs))
-        return
+        return False
     except BaseException as e:  # noqa: BLE001 - the classifier decides; only a record's error is bisected
         if owner_of(e, Owner.RECORD) is not Owner.RECORD:
             raise
@@ -80,10 +84,12 @@ def _bisect(fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
         torch.cuda.empty_cache()
     if stop - start == 1:
         failures.append((start, failure))
-        return
-    failed_before = len(failures)
+        return out_of_memory
     mid = (start + stop) // 2
-    _bisect(fn, x, start, mid, stage, limits, chunks, failures)
-    _bisect(fn, x, mid, stop, stage, limits, chunks, failures)
-    if out_of_memory and len(failures) == failed_before:  # the size, not a record: later calls go smaller
+    halves_ran_out = _bisect(fn, x, start, mid, stage, limits, chunks, failures)
+    halves_ran_out |= _bisect(fn, x, mid, stop, stage, limits, chunks, failures)
+    # Both halves fit (whatever else failed in them): the size ran out of memory, not a record, so later calls go
+    # smaller. A half that ran out too has decided for itself; one huge record sets no limit at any level.
+    if out_of_memory and not halves_ran_out:
         limits.lower(stage, stop - start)
+    return out_of_memory

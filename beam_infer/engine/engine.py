@@ -194,13 +194,15 @@ class Engine:
             raise EngineFatalError(str(fault)) from fault.__cause__
         with self._lifecycle:
             run = self._run
-            if run is None:
+            if run is None and self._users <= 0:
                 raise EngineError("open_bundle() on an engine that is not running: call retain() first")
-            if run.error is not None:
+            if run is not None and run.error is not None:
                 _LOG.warning("beam_infer: replacing the failed engine run of %s with a fresh one", self.task.name)
                 self._stop()
                 if process_fault() is not None:  # its device threads did not stop: the worker cannot go on
+                    bundle_asked_after_fault()
                     run.health.raise_if_failed()
+            if self._run is None:  # replaced, or an earlier start failed
                 self._start()
             return Bundle(self._run)
 
@@ -219,8 +221,9 @@ class Engine:
         """Stops the current run. A device thread that does not stop leaves the engine's state unknown (a new run
         would call the model beside it): fatal, unless the interpreter is exiting anyway."""
         run, self._run = self._run, None
-        stuck = run.stop(self.config.stop_timeout_s)
-        if not stuck:
+        doomed = process_fault() is not None  # the process exits soon: a teardown must not hold the exit up
+        stuck = run.stop(0.0 if doomed else self.config.stop_timeout_s)
+        if not stuck or doomed:
             return
         message = (f"engine threads of {self.task.name} did not stop within {self.config.stop_timeout_s:.1f}s and "
                    f"are left running: {', '.join(stuck)}")

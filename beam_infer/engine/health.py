@@ -34,7 +34,7 @@ class RunHealth:
         self._open: dict[int, queue.SimpleQueue] = {}
         self._no_open_bundle = threading.Event()
         self._no_open_bundle.set()
-        _PROCESS.runs.add(self)
+        _PROCESS.add(self)
 
     @property
     def error(self) -> EngineError | None:
@@ -104,6 +104,14 @@ class _ProcessHealth:
         self.bundle_asked = threading.Event()  # a bundle was asked for after the fault: the last ones are reported
         self._lock = threading.Lock()
 
+    def add(self, run: RunHealth) -> None:
+        with self._lock:
+            self.runs.add(run)
+
+    def snapshot(self) -> list[RunHealth]:
+        with self._lock:  # a WeakSet cannot be iterated while another thread adds to it
+            return list(self.runs)
+
     def fault(self, run: RunHealth, error: BaseException, where: str) -> None:
         """A device fault (or engine state that cannot be trusted) in `where` of `run`: every run of the process
         fails with EngineFatalError, and the process exits with errors.FATAL_EXIT_CODE once their open bundles
@@ -121,7 +129,7 @@ class _ProcessHealth:
             _LOG.warning("beam_infer: after a device fault, also in %s: %r", where, error)
             return
         _LOG.critical("%s", failed, exc_info=error)
-        for health in list(self.runs):
+        for health in self.snapshot():
             health.mark(failed)
         # The exit function is taken now: a test that replaced it gets its replacement called.
         threading.Thread(target=self._exit_when_reported, args=(errors.exit_process, str(failed)),
@@ -129,7 +137,7 @@ class _ProcessHealth:
 
     def _exit_when_reported(self, exit_process: Callable[[int, str], None], message: str) -> None:
         deadline = time.monotonic() + _FATAL_GRACE_S
-        for health in list(self.runs):
+        for health in self.snapshot():
             health.wait_for_no_open_bundle(max(0.0, deadline - time.monotonic()))
         self.bundle_asked.wait(_FATAL_REPORT_S)
         exit_process(errors.FATAL_EXIT_CODE, f"beam_infer: exiting the worker process (code "

@@ -10,6 +10,7 @@ decided by beam_infer.engine.errors.owner_of; see README.md in this folder.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import queue
@@ -90,18 +91,28 @@ class Run:
         self.input_buffers = BufferPool(c.host_buffers, pin=self._streams.cuda)
         self.output_buffers: BufferPool | None = None  # pinned, sized on the first batch: buffers x outputs
         self._outputs_per_batch = 0
+        self._fetch_pool = self._decode_pool = self._post_pool = None
+        self._threads: list[threading.Thread] = []
+        try:
+            self._start_threads(c)
+        except BaseException:
+            self.stop(0.0)  # what did start ends; a thread that cannot be started is the process's trouble
+            raise
+
+    def _start_threads(self, c: Any) -> None:
         self._fetch_pool = Workers("beam_infer-fetch", c.fetch_threads, lambda e: self.fail(e, "fetch"))
         self._decode_pool = Workers("beam_infer-decode", c.decode_pool_size, lambda e: self.fail(e, "preprocess"))
         self._post_pool = Workers("beam_infer-post", c.postprocess_threads, lambda e: self.fail(e, "postprocess"))
-        self._threads = [
+        threads = [
             threading.Thread(target=self._batch_thread, name=DEVICE_THREADS[0], daemon=True),
             threading.Thread(target=self._run_stage, args=(self._to_forward, self._forward, self._to_unload,
                                                            "forward"), name=DEVICE_THREADS[1], daemon=True),
             threading.Thread(target=self._run_stage, args=(self._to_unload, self._unload, None, "d2h"),
                              name=DEVICE_THREADS[2], daemon=True),
         ]
-        for t in self._threads:
+        for t in threads:
             t.start()
+            self._threads.append(t)
 
     # ---- lifecycle and failure ---------------------------------------------------------------------------
 
@@ -113,13 +124,25 @@ class Run:
         """
         deadline = time.monotonic() + timeout_s
         self.health.stopped = True
-        stuck = self._fetch_pool.stop(cancel=True, deadline=deadline)
-        stuck += self._decode_pool.stop(cancel=True, deadline=deadline)
+        stuck = []
+        for pool in (self._fetch_pool, self._decode_pool):
+            if pool is not None:
+                stuck += pool.stop(cancel=True, deadline=deadline)
         self._ready.put(_STOP)
+        if len(self._threads) < len(DEVICE_THREADS):  # a start that failed: the STOP cannot travel down the stages
+            self._to_forward.put(_STOP)
+            self._to_unload.put(_STOP)
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         stuck += [t.name for t in self._threads if t.is_alive()]
-        return stuck + self._post_pool.stop(cancel=False, deadline=deadline)
+        if self._post_pool is not None:
+            stuck += self._post_pool.stop(cancel=False, deadline=deadline)
+        return stuck
+
+    def _ended(self) -> bool:
+        """A failed run's bundles raise, and a stopped run has none: its batches are not worth running (after a
+        device fault, not possible), and a stop should not wait for them."""
+        return self.health.error is not None or self.health.stopped
 
     def fail(self, error: BaseException, stage: str, batch: int | None = None, records: int = 0) -> None:
         """Ends the run with `error`, raised in `stage` (of batch number `batch`, of `records` records); see
@@ -260,7 +283,7 @@ class Run:
 
     def _launch(self, items: list[Item]) -> None:
         """Moves a batch to the device (collate + H2D copy, or the task's device preprocess), then queues it."""
-        if not items or self.error is not None:  # a failed run's bundles raise: its batches are not worth running
+        if not items or self._ended():
             return
         if self._task.device_preprocess is not None:
             self._preprocess_on_device(items)
@@ -271,8 +294,10 @@ class Run:
             self._copy_in(good[lo:lo + step])
 
     def _same_shape(self, items: list[Item]) -> list[Item]:
-        """The items shaped like the batch's first; each other one fails in collate."""
-        shape, dtype = items[0].array.shape, items[0].array.dtype
+        """The items shaped like most of the batch (so one odd record cannot fail the others); each other one
+        fails in collate."""
+        kinds = collections.Counter((item.array.shape, item.array.dtype) for item in items)
+        (shape, dtype), _ = kinds.most_common(1)[0]
         good = []
         for item in items:
             if item.array.shape != shape or item.array.dtype != dtype:
@@ -291,7 +316,7 @@ class Run:
         Returns:
             Whether every item went on to forward.
         """
-        if self.error is not None:
+        if self._ended():
             return False
         t0 = time.perf_counter()
         stage, lease = "collate", None
@@ -380,7 +405,7 @@ class Run:
     def _forward(self, batch: Batch) -> None:
         """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
         stage = "forward"
-        if self.error is not None:  # a failed run: not worth running; after a device fault, not possible
+        if self._ended():
             self._release_input(batch)
             batch.device_input = None
             return
@@ -511,6 +536,8 @@ def _numeric_array(value: Any) -> np.ndarray:
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise TypeError(f"preprocess must return an array of numbers, got {type(value).__name__} "
                         f"({array.dtype}): {reprlib.repr(value)}")
+    if not array.dtype.isnative:  # big-endian, say: torch takes native byte order only
+        array = array.astype(array.dtype.newbyteorder("="))
     return array
 
 

@@ -258,10 +258,10 @@ class _Stuck(Doubler):
         return super().forward(x)
 
 
-def stuck_in_forward(records: int):
+def stuck_in_forward(records: int, stop_timeout_s: float = 0.5):
     """(model, engine, bundle): `records` submitted, the engine's forward thread blocked in the model."""
     model = _Stuck()
-    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=0.5)
+    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=stop_timeout_s)
     bundle = engine.open_bundle()
     for r in write_numbers(safe(records)):
         bundle.submit(r)
@@ -293,6 +293,70 @@ def test_a_failed_run_whose_forward_will_not_stop_is_not_replaced_but_ends_the_w
         assert model.calls_started == 1  # never a second forward beside the stuck one
     finally:
         model.gate.set()
+    engine.release()
+
+
+def test_after_a_device_fault_stopping_does_not_wait_for_stuck_threads_and_hold_up_the_exit(process_exits):
+    model, engine, bundle = stuck_in_forward(2, stop_timeout_s=3600.0)
+    engine._run.fail(torch.AcceleratorError(ILLEGAL_ADDRESS), "postprocess")
+    try:
+        with pytest.raises(EngineFatalError):
+            bundle.poll()
+        finished, _, _ = in_thread(engine.release)  # the failed DoFn's teardown, before the harness reports
+        assert finished  # it did not wait the hour for the stuck forward
+        with pytest.raises(EngineFatalError):
+            engine.open_bundle()
+        assert process_exits.called.wait(_JOIN_S)
+    finally:
+        model.gate.set()
+
+
+class _Slow(Doubler):
+    """Busy (not stuck) for a while in each forward: stopping must not take it for a stuck thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered = threading.Event()
+        self.release_batch = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        self.release_batch.wait(_JOIN_S)
+        return super().forward(x)
+
+
+def test_stopping_a_busy_engine_skips_its_queued_batches_instead_of_calling_the_model_stuck(process_exits):
+    from beam_infer.engine.health import process_fault
+
+    model = _Slow()
+    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=5.0)
+    bundle = engine.open_bundle()
+    for r in write_numbers(safe(8)):
+        bundle.submit(r)
+    assert model.entered.wait(_JOIN_S)
+    releasing = threading.Thread(target=engine.release)
+    releasing.start()  # the last user leaves with batches queued behind the one in the model
+    model.release_batch.set()
+    releasing.join(_JOIN_S)
+    assert not releasing.is_alive() and process_fault() is None
+    assert len(model.batch_sizes) < 4  # the queued batches were dropped, not run one after another
+
+
+def test_when_a_fresh_run_fails_to_start_the_next_bundle_starts_one(monkeypatch):
+    engine = make_engine(batch_size=4)
+    start_threads = Run._start_threads
+
+    def start_then_fail(self, config):
+        start_threads(self, config)
+        raise RuntimeError("cannot start a thread (simulated)")
+
+    engine._run.fail(RuntimeError("stage bug"), "batch")
+    monkeypatch.setattr(Run, "_start_threads", start_then_fail)
+    with pytest.raises(RuntimeError, match="cannot start a thread"):
+        engine.open_bundle()
+    monkeypatch.undo()
+    records = write_numbers(safe(6))
+    assert sorted(r.record["id"] for r in run_all(engine, records)) == sorted(r["id"] for r in records)
     engine.release()
 
 
@@ -430,6 +494,54 @@ def test_the_halves_after_an_out_of_memory_error_run_with_the_failed_calls_memor
     engine.release()
     assert all(r.failure is None for r in out)
     assert model.alive_at_call == [0] * 7  # a retry inside the except clause would keep the failed frames alive
+
+
+class _OutOfMemoryAbove4(Doubler):
+    def __init__(self):
+        super().__init__()
+        self.out_of_memory = 0
+
+    def forward(self, x):
+        if len(x) > 4:
+            self.out_of_memory += 1
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(x)
+
+
+def test_an_out_of_memory_batch_holding_a_bad_record_still_lowers_the_row_limit():
+    from tests.fakes import POISON_FORWARD
+
+    model = _OutOfMemoryAbove4()
+    engine = make_engine(model, batch_size=8)
+    first = run_all(engine, write_numbers([*safe(7), POISON_FORWARD]))
+    model.batch_sizes.clear()
+    errors_in_first = model.out_of_memory
+    later = run_all(engine, write_numbers(safe(16)))
+    engine.release()
+    assert [r.record["value"] for r in first if r.failure is not None] == [POISON_FORWARD]
+    assert all(r.failure is None for r in later)
+    assert model.out_of_memory == errors_in_first == 1  # no out-of-memory attempt at 8 for every later batch
+    assert model.batch_sizes == [4, 4, 4, 4]
+
+
+def test_one_odd_record_fails_in_collate_whatever_its_place_in_the_batch():
+    def preprocess(data, record):
+        array = read_number(data, record)
+        return np.concatenate([array, array]) if record["id"] == "n0" else array
+
+    engine = make_engine(task=dataclasses.replace(number_task(), preprocess=preprocess), batch_size=4)
+    out = {r.record["id"]: r for r in run_all(engine, write_numbers(safe(4)))}
+    engine.release()
+    assert out["n0"].failure.stage == "collate"
+    assert all(out[i].failure is None for i in ("n1", "n2", "n3"))
+
+
+def test_a_preprocess_array_in_big_endian_order_is_taken_as_its_numbers():
+    task = dataclasses.replace(number_task(), preprocess=lambda data, r: read_number(data, r).astype(">f4"))
+    engine = make_engine(task=task, batch_size=4)
+    out = run_all(engine, write_numbers(safe(4)))
+    engine.release()
+    assert sorted(r.value["doubled"] for r in out) == [2 * v for v in safe(4)]
 
 
 def test_one_record_too_large_for_h2d_on_its_own_fails_in_h2d(monkeypatch):
