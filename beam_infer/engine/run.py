@@ -296,8 +296,11 @@ class Run:
     def _same_shape(self, items: list[Item]) -> list[Item]:
         """The items shaped like most of the batch (so one odd record cannot fail the others); each other one
         fails in collate."""
-        kinds = collections.Counter((item.array.shape, item.array.dtype) for item in items)
-        (shape, dtype), _ = kinds.most_common(1)[0]
+        kinds = [(item.array.shape, item.array.dtype) for item in items]
+        shape, dtype = kinds[0]
+        if kinds.count(kinds[0]) == len(kinds):  # the usual batch: no record to fail
+            return items
+        (shape, dtype), _ = collections.Counter(kinds).most_common(1)[0]
         good = []
         for item in items:
             if item.array.shape != shape or item.array.dtype != dtype:
@@ -514,10 +517,12 @@ class Run:
             for row, item in enumerate(items):
                 try:
                     value = self._task.postprocess(tuple(x[row] for x in arrays), item.result.record)
-                    if not isinstance(value, Mapping):
-                        raise TypeError(f"postprocess must return a mapping of output fields, got "
-                                        f"{type(value).__name__}: {reprlib.repr(value)}")
-                    done.append((item, release.detach(dict(value), arrays), None))
+                    if type(value) is not dict:  # the usual case costs one type check
+                        if not isinstance(value, Mapping):
+                            raise TypeError(f"postprocess must return a mapping of output fields, got "
+                                            f"{type(value).__name__}: {reprlib.repr(value)}")
+                        value = dict(value)
+                    done.append((item, release.detach(value, arrays), None))
                 except BaseException as e:  # noqa: BLE001
                     if owner_of(e, Owner.RECORD) is not Owner.RECORD:
                         self.fail(e, "postprocess")
