@@ -89,7 +89,8 @@ def _bisect(fn: Callable[[Any], Any], x: Any, start: int, stop: int, stage: str,
     halves_ran_out = _bisect(fn, x, start, mid, stage, limits, chunks, failures)
     halves_ran_out |= _bisect(fn, x, mid, stop, stage, limits, chunks, failures)
     # Both halves fit (whatever else failed in them): the size ran out of memory, not a record, so later calls go
-    # smaller. A half that ran out too has decided for itself; one huge record sets no limit at any level.
+    # smaller. A half that ran out too has decided for itself, so a record too large even alone sets no limit;
+    # one that fits alone but not beside others does set one (nothing tells it from a batch that is too large).
     if out_of_memory and not halves_ran_out:
         limits.lower(stage, stop - start)
     return out_of_memory

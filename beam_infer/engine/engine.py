@@ -159,9 +159,9 @@ class Engine:
     def retain(self) -> Engine:
         """Registers a user; the first one starts the threads."""
         with self._lifecycle:
-            self._users += 1
             if self._run is None:
-                self._start()
+                self._start()  # raises before counting the user, who will not release
+            self._users += 1
         return self
 
     def release(self) -> None:
@@ -222,12 +222,13 @@ class Engine:
         would call the model beside it): fatal, unless the interpreter is exiting anyway."""
         run, self._run = self._run, None
         doomed = process_fault() is not None  # the process exits soon: a teardown must not hold the exit up
-        stuck = run.stop(0.0 if doomed else self.config.stop_timeout_s)
-        if not stuck or doomed:
+        timeout_s = 0.0 if doomed else self.config.stop_timeout_s
+        stuck = run.stop(timeout_s)
+        if not stuck:
             return
-        message = (f"engine threads of {self.task.name} did not stop within {self.config.stop_timeout_s:.1f}s and "
-                   f"are left running: {', '.join(stuck)}")
-        if exiting or not set(stuck) & set(DEVICE_THREADS):
+        message = (f"engine threads of {self.task.name} did not stop within {timeout_s:.1f}s and are left "
+                   f"running: {', '.join(stuck)}")
+        if doomed or exiting or not set(stuck) & set(DEVICE_THREADS):
             _LOG.error("beam_infer: %s", message)
         else:
             run.health.fail(EngineStateError(message), "stop")

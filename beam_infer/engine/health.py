@@ -72,6 +72,14 @@ class RunHealth:
             outbox.put(WAKE)
         return True
 
+    def stop(self) -> None:
+        """Marks the run stopped and wakes its waiting bundles: what they wait for will not come."""
+        with self._lock:
+            self.stopped = True
+            outboxes = list(self._open.values())
+        for outbox in outboxes:
+            outbox.put(WAKE)
+
     def raise_if_failed(self) -> None:
         """Raises a fresh EngineError (or EngineFatalError) like the run's if it failed, or one if it was stopped."""
         error = self.error

@@ -123,7 +123,7 @@ class Run:
             The names of the threads still alive at the deadline (blocked in a model call, say).
         """
         deadline = time.monotonic() + timeout_s
-        self.health.stopped = True
+        self.health.stop()
         stuck = []
         for pool in (self._fetch_pool, self._decode_pool):
             if pool is not None:

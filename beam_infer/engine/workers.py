@@ -26,8 +26,13 @@ class Workers:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._handle_error = handle_error
         self._threads = [threading.Thread(target=self._run, name=f"{name}_{i}", daemon=True) for i in range(threads)]
-        for t in self._threads:
-            t.start()
+        for started, t in enumerate(self._threads):
+            try:
+                t.start()
+            except BaseException:
+                for _ in range(started):  # those already running end; this pool is never handed out
+                    self._queue.put(_STOP)
+                raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._queue.put((fn, args))

@@ -565,3 +565,13 @@ def test_max_in_flight_below_batch_size_is_refused():
 def test_the_trace_of_timed_events_is_a_bounded_ring():
     engine = Engine(number_task(), EngineConfig(device="cpu", trace_events=True))
     assert engine.trace.maxlen == 4096
+
+
+def test_a_retain_that_fails_to_start_the_engine_does_not_count_its_user(monkeypatch):
+    engine = Engine(number_task(), EngineConfig(device="cpu"))
+    monkeypatch.setattr(Run, "_start_threads", _once_raising(Run._start_threads, RuntimeError("no threads left")))
+    with pytest.raises(RuntimeError, match="no threads left"):
+        engine.retain()  # the DoFn's setup fails: it will never release
+    engine.retain()
+    engine.release()
+    assert not engine.running  # the only user that counts has released it
