@@ -53,9 +53,7 @@ class _GpuInferenceDoFn(beam.DoFn):
         self._engines_built = len(built)
 
     def start_bundle(self) -> None:
-        if getattr(self, "_bundle", None) is not None:  # the last bundle was abandoned (an error downstream)
-            self._bundle.close()
-        self._bundle = None
+        self._forget_abandoned_bundle()
         self._bundle = self._engine.open_bundle()
         self._counts: Counter[str] = Counter()
 
@@ -92,13 +90,18 @@ class _GpuInferenceDoFn(beam.DoFn):
             Metrics.counter(METRICS_NAMESPACE, "batched_records").inc(sum(batch_sizes))
 
     def teardown(self) -> None:
-        if getattr(self, "_bundle", None) is not None:  # a bundle that failed: the harness discards this instance
-            self._bundle.close()
-            self._bundle = None
+        self._forget_abandoned_bundle()  # a bundle that failed: the harness discards this instance
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.release()
             self._engine = None
+
+    def _forget_abandoned_bundle(self) -> None:
+        """A bundle whose finish_bundle never ran (it failed, or a transform downstream did) stops counting as
+        open, so that nothing waits for it."""
+        if getattr(self, "_bundle", None) is not None:
+            self._bundle.close()
+            self._bundle = None
 
     def _emit(self, results: Iterator[Result] | list[Result]) -> Iterator[Any]:
         for r in results:

@@ -38,6 +38,7 @@ _TRACE_KEPT = 4096  # timed (batch, stage) spans kept with trace_events: the las
 
 STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess")
 
+
 class Bundle:
     """The records one bundle submitted: `submit` them, `poll` what is finished, `drain` the rest.
 
@@ -59,7 +60,7 @@ class Bundle:
         try:
             self._run.submit(Item(Result(record, context), self._done))
         except EngineError:
-            self._close()
+            self.close()
             raise
         self.pending += 1
 
@@ -87,18 +88,15 @@ class Bundle:
                     continue
                 self.pending -= 1
                 yield result
-        self._close()
+        self.close()
 
     def _check(self) -> None:
         if self._health.error is not None or self._health.stopped:
-            self._close()
+            self.close()
             self._health.raise_if_failed()
 
     def close(self) -> None:
-        """Forgets the bundle (a DoFn whose bundle was abandoned: a failure downstream, say) without waiting."""
-        self._close()
-
-    def _close(self) -> None:
+        """Forgets the bundle without waiting: drained, failed, or abandoned by its DoFn (a failure downstream)."""
         if self._open:
             self._open = False
             self._health.bundle_closed(self._done)
@@ -188,10 +186,7 @@ class Engine:
         Raises:
             EngineError: the engine is not running (no retain), or EngineFatalError after a device fault.
         """
-        fault = process_fault()
-        if fault is not None:
-            bundle_asked_after_fault()  # the harness has reported the bundles that failed: the exit may go on
-            raise EngineFatalError(str(fault)) from fault.__cause__
+        _refuse_after_a_device_fault()
         with self._lifecycle:
             run = self._run
             if run is None and self._users <= 0:
@@ -199,9 +194,7 @@ class Engine:
             if run is not None and run.error is not None:
                 _LOG.warning("beam_infer: replacing the failed engine run of %s with a fresh one", self.task.name)
                 self._stop()
-                if process_fault() is not None:  # its device threads did not stop: the worker cannot go on
-                    bundle_asked_after_fault()
-                    run.health.raise_if_failed()
+                _refuse_after_a_device_fault()  # its device threads did not stop: the worker cannot go on
             if self._run is None:  # replaced, or an earlier start failed
                 self._start()
             return Bundle(self._run)
@@ -232,6 +225,15 @@ class Engine:
             _LOG.error("beam_infer: %s", message)
         else:
             run.health.fail(EngineStateError(message), "stop")
+
+
+def _refuse_after_a_device_fault() -> None:
+    """Raises EngineFatalError after a device fault in this process, telling its exit that the harness has asked
+    for a new bundle, so has reported the ones that failed."""
+    fault = process_fault()
+    if fault is not None:
+        bundle_asked_after_fault()
+        raise EngineFatalError(str(fault)) from fault.__cause__
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()

@@ -42,10 +42,6 @@ class RunHealth:
         fault = _PROCESS.error
         return fault if fault is not None else self._error
 
-    @property
-    def fatal(self) -> bool:
-        return isinstance(self.error, EngineFatalError)
-
     def fail(self, error: BaseException, where: str) -> None:
         """Ends the run with `error`, raised in `where`: the bundles open on it raise EngineError from their next
         call. A device fault ends every run of the process, and the process (see _ProcessHealth.fault)."""
@@ -68,8 +64,7 @@ class RunHealth:
                 return False
             self._error = failed
             outboxes = list(self._open.values())
-        for outbox in outboxes:
-            outbox.put(WAKE)
+        _wake(outboxes)
         return True
 
     def stop(self) -> None:
@@ -77,8 +72,7 @@ class RunHealth:
         with self._lock:
             self.stopped = True
             outboxes = list(self._open.values())
-        for outbox in outboxes:
-            outbox.put(WAKE)
+        _wake(outboxes)
 
     def raise_if_failed(self) -> None:
         """Raises a fresh EngineError (or EngineFatalError) like the run's if it failed, or one if it was stopped."""
@@ -101,6 +95,11 @@ class RunHealth:
 
     def wait_for_no_open_bundle(self, timeout_s: float) -> bool:
         return self._no_open_bundle.wait(timeout_s)
+
+
+def _wake(outboxes: list[queue.SimpleQueue]) -> None:
+    for outbox in outboxes:
+        outbox.put(WAKE)
 
 
 class _ProcessHealth:

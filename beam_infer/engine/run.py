@@ -156,8 +156,8 @@ class Run:
     # ---- submission and the CPU stages -----------------------------------------------------------------
 
     def submit(self, item: Item) -> None:
-        """Queues a record for fetch; blocks while `max_in_flight` records are in flight."""
-        self.health.raise_if_failed()
+        """Queues a record for fetch; blocks while `max_in_flight` records are in flight. (The bundle has checked
+        the run's health just before.)"""
         while True:
             try:
                 self._room.get(timeout=HEALTH_CHECK_S)
