@@ -79,7 +79,9 @@ class _GpuInferenceDoFn(beam.DoFn):
             self._engines_built = 0
         for name, n in self._counts.items():
             Metrics.counter(METRICS_NAMESPACE, name).inc(n)
-        busy, batch_sizes = self._engine.take_stats()  # the engine's, since any bundle last took them
+        busy, batch_sizes, counts = self._engine.take_stats()  # the engine's, since any bundle last took them
+        for name, n in counts.items():  # remote I/O's retries and failures
+            Metrics.counter(METRICS_NAMESPACE, name).inc(n)
         for stage, seconds in busy.items():
             Metrics.counter(METRICS_NAMESPACE, f"busy_us_{stage}").inc(int(seconds * 1e6))
         sizes = Metrics.distribution(METRICS_NAMESPACE, "batch_size")

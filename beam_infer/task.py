@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,10 @@ class InferenceTask:
             of tensors whose first dimension is the batch.
         preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool.
         postprocess: (tuple of per-record output rows as numpy, record) -> dict of output fields; runs in the
-            postprocess thread pool. The rows are views of reused (pinned) buffers, valid during the call: the
-            engine copies numpy arrays and tensors left in the returned value, but anything else that keeps
-            their memory (pa.array, Image.fromarray, memoryview) must copy first.
+            postprocess thread pool. A field whose value is a Blob is written by the engine's put stage, and the
+            row gets the Blob's URI in its place. The rows are views of reused (pinned) buffers, valid during the
+            call: the engine copies numpy arrays and tensors left in the returned value, but anything else that
+            keeps their memory (pa.array, Image.fromarray, memoryview) must copy first.
         device_preprocess: optional (list of CPU uint8 tensors, device) -> the model's input batch on the device.
             When set, `preprocess` may return 1-D uint8 arrays of any length (the encoded image, say), and the
             batch thread hands them over as a list instead of stacking them: decoding moves to the device (for
@@ -48,3 +49,24 @@ def record_id(record: Record) -> str:
     """A record's id: its "id" field, else its URI."""
     rid = record.get("id")
     return str(rid) if rid not in (None, "") else str(record.get("uri", ""))
+
+
+@dataclass(frozen=True, init=False)
+class Blob:
+    """An object for the engine's put stage: a postprocess returns it as the value of an output field; the engine
+    writes `data` to `uri` (remote URIs through its async client, with retries; local paths under a temporary
+    name, then renamed) and the field's value becomes `uri`. A record whose write fails is a dead letter of stage
+    "put". Name objects with beam_infer.io.put.object_uri.
+
+    `data` is joined into one bytes object at construction, so it holds no view of the engine's reused buffers.
+    """
+
+    uri: str
+    data: bytes
+
+    def __init__(self, uri: str, data: bytes | Iterable[bytes | memoryview]) -> None:
+        object.__setattr__(self, "uri", uri)
+        object.__setattr__(self, "data", data if type(data) is bytes else b"".join(data))
+
+    def __repr__(self) -> str:
+        return f"Blob({self.uri!r}, {len(self.data)} bytes)"

@@ -5,10 +5,13 @@ from __future__ import annotations
 import queue
 import threading
 
+_COUNT = "#"  # marks a count among a thread's totals (stage names never start with it)
+
 
 class Stats:
-    """Host seconds per stage (summed over threads) and batch sizes, added by the stage threads and taken, as
-    they stand, by whichever bundle finishes next: summed over bundles they give the engine's totals.
+    """Host seconds per stage (summed over threads), event counts (remote retries, say) and batch sizes, added by
+    the stage threads and taken, as they stand, by whichever bundle finishes next: summed over bundles they give
+    the engine's totals.
 
     Each thread adds to running totals of its own (no lock on the per-record path); `take` hands out what the
     totals grew by since the last take.
@@ -22,17 +25,27 @@ class Stats:
         self._batch_sizes: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def busy(self, stage: str, seconds: float) -> None:
+        totals = self._thread_totals()
+        totals[stage] = totals.get(stage, 0.0) + seconds
+
+    def count(self, name: str, n: int = 1) -> None:
+        totals = self._thread_totals()
+        key = _COUNT + name
+        totals[key] = totals.get(key, 0) + n
+
+    def _thread_totals(self) -> dict[str, float]:
         totals = getattr(self._local, "totals", None)
         if totals is None:
             totals = self._local.totals = {}
             with self._lock:
                 self._totals.append(totals)
-        totals[stage] = totals.get(stage, 0.0) + seconds
+        return totals
 
     def batch(self, size: int) -> None:
         self._batch_sizes.put(size)
 
-    def take(self) -> tuple[dict[str, float], list[int]]:
+    def take(self) -> tuple[dict[str, float], list[int], dict[str, int]]:
+        """(busy seconds per stage, batch sizes, counts per name) since the last take."""
         with self._lock:
             now: dict[str, float] = {}
             for totals in self._totals:
@@ -43,7 +56,9 @@ class Stats:
         sizes = []
         while not self._batch_sizes.empty():
             sizes.append(self._batch_sizes.get())
-        return {stage: seconds for stage, seconds in busy.items() if seconds > 0}, sizes
+        seconds = {stage: value for stage, value in busy.items() if value > 0 and not stage.startswith(_COUNT)}
+        counts = {key[len(_COUNT):]: int(value) for key, value in busy.items() if value > 0 and key.startswith(_COUNT)}
+        return seconds, sizes, counts
 
 
 class Tally:

@@ -36,7 +36,8 @@ from beam_infer.task import InferenceTask, Record
 _LOG = logging.getLogger(__name__)
 _TRACE_KEPT = 4096  # timed (batch, stage) spans kept with trace_events: the last ~1,400 batches' three spans
 
-STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess")
+STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess", "put")
+IO_COUNTERS = ("fetch_retries", "fetch_failures", "put_retries", "put_failures")  # Beam counters of remote I/O
 
 
 class Bundle:
@@ -199,8 +200,9 @@ class Engine:
                 self._start()
             return Bundle(self._run)
 
-    def take_stats(self) -> tuple[dict[str, float], list[int]]:
-        """Host seconds per stage and the sizes of the batches run since the last call (by any caller)."""
+    def take_stats(self) -> tuple[dict[str, float], list[int], dict[str, int]]:
+        """Host seconds per stage, the sizes of the batches run, and event counts (remote retries and failures),
+        since the last call (by any caller)."""
         return self.stats.take()
 
     def next_batch_number(self) -> int:

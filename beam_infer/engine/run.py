@@ -1,7 +1,8 @@
 """One run of the engine's stage threads: its queues, pools, host buffers, counters and the error that ends it.
 
-    submit ─► fetch pool ─► decode pool ─► ready ─► [batch] collate → H2D (or device preprocess)
-           ─► [forward] forward → D2H ─► [unload] sync → postprocess pool ─► the record's bundle
+    submit ─► fetch (local: in the decode pool; gs://, s3://, http(s)://: remote I/O's event loop; other URLs:
+           the fetch pool) ─► decode pool ─► ready ─► [batch] collate → H2D (or device preprocess)
+           ─► [forward] forward → D2H ─► [unload] sync → postprocess pool ─► put (Blobs) ─► the record's bundle
 
 A run that fails is not repaired: its bundles raise EngineError and the engine starts a fresh run for the next
 bundle (see Engine.open_bundle), so no state of a failed run reaches a later one. Who owns each failure is
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import reprlib
@@ -33,7 +35,10 @@ from beam_infer.engine.pinned import BufferPool, Lease, ReleaseAfter
 from beam_infer.engine.results import Failure, Result
 from beam_infer.engine.tensors import as_numpy, concat_chunks, unaliased
 from beam_infer.engine.workers import Workers
-from beam_infer.io.fetch import fetch_bytes, is_local
+from beam_infer.io import remote
+from beam_infer.io.fetch import fetch_bytes, is_local, open_uri
+from beam_infer.io.put import write_local_atomically
+from beam_infer.task import Blob
 
 if TYPE_CHECKING:
     from beam_infer.engine.engine import Engine
@@ -85,6 +90,7 @@ class Run:
         self._submitted = Tally()  # upstream = submitted - left: not yet ready for the batcher nor failed
         self._left = Tally()
         self._draining = 0  # bundles waiting in drain()
+        self._closed = False  # stopping: no remote I/O starts
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
         self._to_unload: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -92,6 +98,7 @@ class Run:
         self.output_buffers: BufferPool | None = None  # pinned, sized on the first batch: buffers x outputs
         self._outputs_per_batch = 0
         self._fetch_pool = self._decode_pool = self._post_pool = None
+        self._remote: remote.RemoteIO | None = None  # started by the first remote read or write
         self._threads: list[threading.Thread] = []
         try:
             self._start_threads(c)
@@ -125,6 +132,10 @@ class Run:
         deadline = time.monotonic() + timeout_s
         self.health.stop()
         stuck = []
+        with self._lock:
+            io, self._closed = self._remote, True
+        if io is not None and not io.close(max(0.0, deadline - time.monotonic())):  # its requests are dropped
+            stuck.append("beam_infer-remote")
         for pool in (self._fetch_pool, self._decode_pool):
             if pool is not None:
                 stuck += pool.stop(cancel=True, deadline=deadline)
@@ -169,8 +180,38 @@ class Run:
         uri = item.result.record["uri"]
         if isinstance(uri, str) and is_local(uri):
             self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
+        elif isinstance(uri, str) and remote.serves(uri):
+            self._remote_io().read(uri, functools.partial(self._fetched, item))
         else:
             self._fetch_pool.submit(self._fetch, item, False)
+
+    def _remote_io(self) -> remote.RemoteIO:
+        """The run's remote I/O, started on first use (a job that reads and writes only local files has none).
+
+        Raises:
+            EngineError: the run is stopping.
+        """
+        io = self._remote
+        if io is None:
+            with self._lock:
+                if self._closed:
+                    raise EngineError("the engine run is stopping")
+                if self._remote is None:
+                    c = self._config
+                    self._remote = remote.RemoteIO(
+                        concurrency=c.fetch_concurrency, max_bytes=c.fetch_max_bytes,
+                        retry=remote.RetryPolicy(c.io_attempts, c.io_backoff_s, timeout_s=c.io_timeout_s),
+                        count=self._stats.count, busy=self._stats.busy)
+                io = self._remote
+        return io
+
+    def _fetched(self, item: Item, data: bytes | None, error: BaseException | None) -> None:
+        """A remote read's end, on remote I/O's loop: the bytes go to the decode pool (which releases them from
+        the bound on bytes in flight), or the record fails in fetch."""
+        if error is not None:
+            self._record_failed_upstream(item, "fetch", error)
+        else:
+            self._decode_pool.submit(self._preprocess, item, data, len(data))
 
     def _fetch(self, item: Item, in_decode_pool: bool) -> None:
         t0 = time.perf_counter()
@@ -185,13 +226,17 @@ class Run:
         else:
             self._decode_pool.submit(self._preprocess, item, data)
 
-    def _preprocess(self, item: Item, data: bytes) -> None:
+    def _preprocess(self, item: Item, data: bytes, held: int = 0) -> None:
+        """Preprocesses the record's bytes; `held` of them are given back to remote I/O's bound afterwards."""
         t0 = time.perf_counter()
         try:
             item.array = _numeric_array(self._task.preprocess(data, item.result.record))
         except BaseException as e:  # noqa: BLE001
             self._record_failed_upstream(item, "preprocess", e)
             return
+        finally:
+            if held:
+                self._remote.release(held)
         self._stats.busy("preprocess", time.perf_counter() - t0)
         self._leave_upstream(item, None)
 
@@ -532,7 +577,77 @@ class Run:
             release.done()
         self._stats.busy("postprocess", time.perf_counter() - t0)  # before the bundles can see their results
         for item, value, failure in done:
-            self._finish(item, value=value, failure=failure)
+            if value is not None and Blob in map(type, value.values()):
+                self._put(item, value)
+            else:
+                self._finish(item, value=value, failure=failure)
+
+    # ---- the put stage ----------------------------------------------------------------------------------
+
+    def _put(self, item: Item, value: dict[str, Any]) -> None:
+        """Writes the record's Blobs, each field becoming its URI: local files here (temporary name, then rename),
+        gs://, s3:// and http(s):// through remote I/O, other URLs with a blocking fsspec write. The record
+        finishes once the last write ends; if any failed, as a dead letter of stage "put" with the first error
+        (objects already written stay: each is whole, and a retry of the record rewrites them)."""
+        t0 = time.perf_counter()
+        remote_blobs = []
+        try:
+            for key, blob in value.items():
+                if type(blob) is not Blob:
+                    continue
+                value[key] = blob.uri
+                if is_local(blob.uri) or blob.uri.startswith("file://"):
+                    write_local_atomically(blob.uri, blob.data)
+                elif remote.serves(blob.uri):
+                    remote_blobs.append(blob)
+                else:
+                    with open_uri(blob.uri, "wb") as f:
+                        f.write(blob.data)
+        except BaseException as e:  # noqa: BLE001
+            self._stats.busy("put", time.perf_counter() - t0)
+            self._record_failed(item, "put", e)
+            return
+        self._stats.busy("put", time.perf_counter() - t0)
+        if not remote_blobs:
+            self._finish(item, value=value)
+            return
+        written = _Writes(len(remote_blobs), functools.partial(self._written, item, value))
+        try:
+            io = self._remote_io()
+        except EngineError:
+            return  # stopping: the record's bundle fails
+        for blob in remote_blobs:
+            io.write(blob.uri, blob.data, written.one_done)
+
+    def _written(self, item: Item, value: dict[str, Any], error: BaseException | None) -> None:
+        if error is None:
+            self._finish(item, value=value)
+        else:
+            self._record_failed(item, "put", error)
+
+    def _record_failed(self, item: Item, stage: str, error: BaseException) -> None:
+        """A record's own failure in `stage` after the batch: its dead letter, unless no record owns the error."""
+        if owner_of(error, Owner.RECORD) is Owner.RECORD:
+            self._finish(item, failure=Failure.of(stage, error))
+        else:
+            self.fail(error, stage)
+
+
+class _Writes:
+    """Counts down a record's remote writes (their callbacks all run on remote I/O's one thread); the last calls
+    `done` with the first error, or None."""
+
+    def __init__(self, count: int, done: Callable[[BaseException | None], None]) -> None:
+        self._left = count
+        self._error: BaseException | None = None
+        self._done = done
+
+    def one_done(self, error: BaseException | None) -> None:
+        if error is not None and self._error is None:
+            self._error = error
+        self._left -= 1
+        if self._left == 0:
+            self._done(self._error)
 
 
 def _numeric_array(value: Any) -> np.ndarray:

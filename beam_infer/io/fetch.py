@@ -12,13 +12,15 @@ def is_local(uri: str) -> bool:
     return "://" not in uri
 
 
-def _local_path(uri: str) -> str:
+def local_path(uri: str) -> str:
+    """The file path of a local URI (a path, "~/…", or "file://…")."""
+    uri = uri.removeprefix("file://")
     return os.path.expanduser(uri) if uri.startswith("~") else uri
 
 
 def open_uri(uri: str, mode: str):
     """A file object for `uri` (use it as a context manager)."""
-    return open(_local_path(uri), mode) if is_local(uri) else fsspec.open(uri, mode)
+    return open(local_path(uri), mode) if is_local(uri) else fsspec.open(uri, mode)
 
 
 def fetch_bytes(uri: str) -> bytes:
@@ -28,7 +30,7 @@ def fetch_bytes(uri: str) -> bytes:
         FileNotFoundError, PermissionError, OSError: the URI cannot be read.
     """
     if is_local(uri):
-        with open(_local_path(uri), "rb") as f:
+        with open(local_path(uri), "rb") as f:
             return f.read()
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.cat_file(path)

@@ -1,0 +1,303 @@
+"""RemoteIO: remote reads and writes as coroutines on one event-loop thread, bounded, timed out and retried.
+
+An object store answers a GET in 20-50 ms, so feeding a GPU at thousands of images/s takes hundreds of requests
+in flight: as many blocking threads would fight over the GIL, while gcsfs, s3fs and fsspec's http client are
+async-native and one thread holds them all. Per RemoteIO:
+
+- at most `concurrency` reads and `concurrency` writes in flight, and no new read starts while `max_bytes` of
+  read data wait for their consumer to `release` them (sizes are unknown until read, so the reads already under
+  way when the bound is reached still complete: it is passed by at most `concurrency` objects);
+- every request has a timeout; transient failures (408, 429, 5xx, a dropped or reset connection, a truncated
+  body, a timeout) are retried with exponential backoff and full jitter; permanent ones (404, 403, 400, …) fail
+  at once. The final error is a RemoteIOError naming the URI, the HTTP status where there is one, and the attempts;
+- gcsfs's own retry loop (6 tries, sleeps of 1-32 s, uncounted) is turned off, so this policy is the only one.
+
+Filesystems without an async implementation (memory://, local files) are not served here: `serves` says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import fsspec
+
+_LOG = logging.getLogger(__name__)
+
+TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_TRANSIENT_ERRORS = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+_ASYNC_PROTOCOLS: dict[str, bool] = {}  # protocol -> whether fsspec has an async implementation for it
+
+
+def prepare_storage_emulator() -> None:
+    """With STORAGE_EMULATOR_HOST set, tells gcsfs (before it is imported) not to ask the storage-control gRPC API
+    for the bucket layout, which an emulator does not serve (each call waits 60 s)."""
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+
+def serves(uri: str) -> bool:
+    """Whether RemoteIO reads and writes `uri`: a URL whose fsspec filesystem is async (gs://, s3://, http(s)://)."""
+    protocol = uri.partition("://")[0]
+    known = _ASYNC_PROTOCOLS.get(protocol)
+    if known is None:
+        prepare_storage_emulator()
+        try:
+            known = bool(getattr(fsspec.get_filesystem_class(protocol), "async_impl", False))
+        except (ValueError, ImportError):  # unknown protocol, or its package missing: the thread pool reports it
+            known = False
+        _ASYNC_PROTOCOLS[protocol] = known
+    return known
+
+
+class RemoteIOError(OSError):
+    """A remote read or write that failed for good: a permanent error, or a transient one on every attempt."""
+
+    def __init__(self, message: str, status: int | None = None, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.attempts = attempts
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return RemoteIOError, (str(self), self.status, self.attempts)
+
+
+def status_of(error: BaseException) -> int | None:
+    """The HTTP status behind an fsspec filesystem's error, where it can be told."""
+    if isinstance(error, FileNotFoundError):
+        return 404
+    if isinstance(error, PermissionError):
+        return 403
+    for name in ("status", "code"):  # aiohttp's ClientResponseError.status, gcsfs's HttpError.code
+        value = getattr(error, name, None)
+        if isinstance(value, (int, str)) and str(value).isdigit() and 100 <= int(value) < 600:
+            return int(value)
+    message = str(error)
+    if isinstance(error, OSError) and message.startswith("Forbidden"):  # gcsfs's 403
+        return 403
+    if isinstance(error, ValueError) and message.startswith("Bad Request"):  # gcsfs's 400
+        return 400
+    if type(error).__name__ == "ProxyError":  # gcsfs's 502
+        return 502
+    return None
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether trying again may succeed: a 408, 429 or 5xx status, a connection error, a truncated body, a timeout."""
+    status = status_of(error)
+    if status is not None:
+        return status in TRANSIENT_STATUSES
+    return isinstance(error, _TRANSIENT_ERRORS)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts per request, the backoff between them (attempt n waits uniformly up to min(max_backoff_s,
+    backoff_s × 2^(n-1)): "full jitter", so clients that failed together do not retry together), and the
+    timeout of each attempt."""
+
+    attempts: int = 5
+    backoff_s: float = 0.1
+    max_backoff_s: float = 10.0
+    timeout_s: float = 60.0
+
+    def delay(self, retry: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * 2 ** (retry - 1)))
+
+
+def _describe(verb: str, uri: str, error: BaseException, status: int | None, attempts: int) -> str:
+    cause = f"{type(error).__name__}: {str(error).strip() or repr(error)}"
+    what = f"HTTP {status} ({cause})" if status is not None else cause
+    tries = "not retried" if attempts == 1 and not is_transient(error) else f"after {attempts} attempt(s)"
+    return f"{verb} {uri} failed: {what}; {tries}"
+
+
+def _gcs_filesystem_class() -> type:
+    """gcsfs's filesystem with one try per request (this module retries), or gcsfs's own if that cannot be had."""
+    import gcsfs
+
+    request = getattr(gcsfs.GCSFileSystem._request, "__wrapped__", None)  # undecorated by gcsfs's retry_request
+    if request is None:
+        _LOG.warning("beam_infer: gcsfs's request retries could not be turned off; they run inside beam_infer's")
+        return gcsfs.GCSFileSystem
+
+    class OneTryGCSFileSystem(gcsfs.GCSFileSystem):
+        _request = request
+
+    return OneTryGCSFileSystem
+
+
+def open_async_filesystem(protocol: str, loop: asyncio.AbstractEventLoop) -> Any:
+    """An fsspec filesystem for `protocol` bound to `loop` (not fsspec's shared instance, which has its own loop).
+    For gs:// under STORAGE_EMULATOR_HOST, anonymous: an emulator takes no credentials, and looking for them
+    waits on the metadata server."""
+    prepare_storage_emulator()
+    options: dict[str, Any] = {}
+    if protocol in ("gs", "gcs"):
+        cls = _gcs_filesystem_class()
+        if os.environ.get("STORAGE_EMULATOR_HOST"):
+            options["token"] = "anon"
+    else:
+        cls = fsspec.get_filesystem_class(protocol)
+    return cls(asynchronous=True, loop=loop, skip_instance_cache=True, **options)
+
+
+class RemoteIO:
+    """Reads and writes remote objects on an event-loop thread of its own; `close` ends it.
+
+    `read` and `write` return at once and may be called from any thread; their `done` callbacks run on the loop's
+    thread and must not block. `count(name, n)` and `busy(stage, seconds)` receive the retries and failures
+    ("fetch_retries", "put_failures", …) and each request's seconds (all attempts), stage "fetch" or "put".
+    """
+
+    def __init__(self, *, concurrency: int, max_bytes: int, retry: RetryPolicy,
+                 count: Callable[[str, int], None], busy: Callable[[str, float], None]) -> None:
+        self._retry = retry
+        self._count = count
+        self._busy = busy
+        self._max_bytes = max_bytes
+        self._held = 0  # bytes read and not yet released
+        self._held_lock = threading.Lock()
+        self._rng = random.Random()
+        self._filesystems: dict[str, Any] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._loop = asyncio.new_event_loop()
+        self._read_slots = asyncio.Semaphore(concurrency)
+        self._write_slots = asyncio.Semaphore(concurrency)
+        self._byte_room = asyncio.Event()
+        self._byte_room.set()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="beam_infer-remote", daemon=True)
+        self._thread.start()
+
+    # ---- any thread ------------------------------------------------------------------------------------
+
+    def read(self, uri: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
+        """Starts reading `uri`; then `done(data, None)`, or `done(None, RemoteIOError)`. The caller releases
+        len(data) once it no longer holds the data."""
+        self._loop.call_soon_threadsafe(self._start, self._read(uri, done))
+
+    def write(self, uri: str, data: bytes, done: Callable[[BaseException | None], None]) -> None:
+        """Starts writing `data` to `uri` as one object (a single upload: complete under its name, or absent);
+        then `done(None)`, or `done(RemoteIOError)`."""
+        self._loop.call_soon_threadsafe(self._start, self._write(uri, data, done))
+
+    def release(self, nbytes: int) -> None:
+        """Gives back `nbytes` of read data to the bound on bytes in flight."""
+        with self._held_lock:
+            self._held -= nbytes
+            wake = self._held < self._max_bytes and not self._byte_room.is_set()
+        if wake:
+            self._loop.call_soon_threadsafe(self._byte_room.set)
+
+    def close(self, timeout_s: float) -> bool:
+        """Cancels what is in flight (no `done` is called for it), closes the clients' sessions and ends the
+        thread, waiting up to `timeout_s`.
+
+        Returns:
+            Whether the thread ended.
+        """
+        if self._closed:
+            return not self._thread.is_alive()
+        self._closed = True
+        deadline = time.monotonic() + timeout_s
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout_s)
+        except Exception as e:  # noqa: BLE001 - a session that fails to close is not worth failing a stop for
+            _LOG.warning("beam_infer: closing remote I/O: %r", e)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            return False
+        self._loop.close()
+        return True
+
+    # ---- the loop's thread -----------------------------------------------------------------------------
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read(self, uri: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
+        try:
+            async with self._read_slots:
+                while not self._byte_room.is_set():  # checked holding a slot: reads queued for one wait here too
+                    await self._byte_room.wait()
+                data = await self._call("fetch", "GET", uri, lambda fs, path: fs._cat_file(path))
+            with self._held_lock:
+                self._held += len(data)
+                if self._held >= self._max_bytes:
+                    self._byte_room.clear()
+        except asyncio.CancelledError:
+            raise  # closing: the run that asked is stopping, and its bundles fail without this record
+        except Exception as e:  # noqa: BLE001 - the caller's record owns it
+            _call_back(done, None, e)
+            return
+        _call_back(done, data, None)
+
+    async def _write(self, uri: str, data: bytes, done: Callable[[BaseException | None], None]) -> None:
+        try:
+            async with self._write_slots:
+                await self._call("put", "PUT", uri, lambda fs, path: fs._pipe_file(path, data))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            _call_back(done, e)
+            return
+        _call_back(done, None)
+
+    async def _call(self, stage: str, verb: str, uri: str, request: Callable[[Any, str], Any]) -> Any:
+        """`request(fs, path)`, timed out and retried by the policy; a RemoteIOError once it fails for good."""
+        t0 = time.perf_counter()
+        try:
+            fs, path = self._filesystem(uri)
+            for attempt in range(1, self._retry.attempts + 1):
+                try:
+                    return await asyncio.wait_for(request(fs, path), self._retry.timeout_s)
+                except Exception as e:  # noqa: BLE001 - sorted below
+                    error = e
+                if attempt == self._retry.attempts or not is_transient(error):
+                    self._count(f"{stage}_failures", 1)
+                    status = status_of(error)
+                    raise RemoteIOError(_describe(verb, uri, error, status, attempt), status, attempt) from error
+                self._count(f"{stage}_retries", 1)
+                await asyncio.sleep(self._retry.delay(attempt, self._rng))
+            raise AssertionError("unreachable")
+        finally:
+            self._busy(stage, time.perf_counter() - t0)
+
+    def _filesystem(self, uri: str) -> tuple[Any, str]:
+        protocol = uri.partition("://")[0]
+        fs = self._filesystems.get(protocol)
+        if fs is None:
+            fs = self._filesystems[protocol] = open_async_filesystem(protocol, self._loop)
+        return fs, fs._strip_protocol(uri)
+
+    async def _shutdown(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for fs in self._filesystems.values():
+            session = getattr(fs, "_session", None)  # gcsfs's and fsspec http's aiohttp session
+            if session is not None and not session.closed:
+                await session.close()
+
+
+def _call_back(done: Callable[..., None], *args: Any) -> None:
+    try:
+        done(*args)
+    except Exception:  # noqa: BLE001 - a callback's bug must not end the loop
+        _LOG.exception("beam_infer: a remote I/O callback failed")
