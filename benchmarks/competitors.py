@@ -29,9 +29,10 @@ from torch import nn
 
 from beam_infer import EngineConfig, ReadRecords, WritePredictions
 from beam_infer.engine import as_numpy, load_on_device
-from beam_infer.io.fetch import fetch_bytes
+from beam_infer.io.fetch import fetch_bytes, open_uri
+from beam_infer.io.put import is_local_uri, write_local_atomically
 from beam_infer.runners import InProcessDirectRunner
-from beam_infer.task import InferenceTask, Record, record_id
+from beam_infer.task import Blob, InferenceTask, Record, record_id
 
 _NAMESPACE = "benchmarks"
 
@@ -91,6 +92,29 @@ class _Timed:
         return out
 
 
+class _PutBlobs:
+    """Wraps a postprocess so the Blobs it returns are written, one after the other, and their fields become
+    their URIs: what beam_infer's put stage does, done the simple way; picklable."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args) -> dict:
+        return _put(self.fn(*args))
+
+
+def _put(value: dict) -> dict:
+    for key, blob in value.items():
+        if isinstance(blob, Blob):
+            if is_local_uri(blob.uri):
+                write_local_atomically(blob.uri, blob.data)
+            else:
+                with open_uri(blob.uri, "wb") as f:
+                    f.write(blob.data)
+            value[key] = blob.uri
+    return value
+
+
 def _new_clock() -> tuple[str, Clock]:
     clock_id = f"clock-{len(_CLOCKS)}-{os.getpid()}"
     _CLOCKS[clock_id] = Clock()
@@ -128,7 +152,8 @@ def naive(task: InferenceTask, config: EngineConfig, records: list[Record]) -> R
             outs = step("forward", model, x)
             outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
             host = step("d2h", _to_host, outs)
-            step("postprocess", _postprocess_all, task, host, batch)
+            values = step("postprocess", _postprocess_all, task, host, batch)
+            step("put", lambda vs: [_put(v) for v in vs], values)
             done += len(batch)
     end = time.perf_counter()
     return Run(done, end - start, start, end, dict(busy))
@@ -216,7 +241,7 @@ def runinference(task: InferenceTask, config: EngineConfig, manifest: str, outpu
      | "Read" >> ReadRecords(manifest) | "Spread" >> beam.Reshuffle()
      | "Load" >> beam.ParDo(_Load(_Timed(task.preprocess, clock_id, "start")))
      | "RunInference" >> RunInference(handler)
-     | "Postprocess" >> beam.ParDo(_Postprocess(task.name, _Timed(task.postprocess, clock_id, "end")))
+     | "Postprocess" >> beam.ParDo(_Postprocess(task.name, _PutBlobs(_Timed(task.postprocess, clock_id, "end"))))
      | "Write" >> WritePredictions(output, task.output_schema))
     result = pipeline.run()
     result.wait_until_finish()

@@ -5,7 +5,8 @@
     classify-gpu-decode  the same model and JPEGs, decoded in batches by nvJPEG and resized on the GPU; the
                          bound is decode and forward sharing the GPU: 1 / (1/decode + 1/forward).
     img2img              a light conv net on 3x512² uint8 images in and out (raw .npy files): transfer-heavy;
-                         the postprocess stage encodes and writes every output; the bound is forward only.
+                         the postprocess stage encodes every output, the put stage writes it; the bound is
+                         forward only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The inference job (classification by default): read records → spread → GPU-resident inference → Parquet.
+"""The inference job: read records → spread → GPU-resident inference → Parquet (and, for img2img, images).
 
-    python -m pipelines.run                      # built-in sample, DirectRunner, no network, CPU or GPU
+    python -m pipelines.run                      # classify the built-in sample: DirectRunner, no network, CPU or GPU
+    python -m pipelines.run --task img2img       # sharpen it: <output>/images/*.png and an index-*.parquet of them
     python -m pipelines.run --input 'gs://bucket/images/*.jpg' --output gs://bucket/out \
         --runner DataflowRunner --project … --region …
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -35,31 +37,52 @@ from beam_infer import (
 from beam_infer.budget import Budget, FailureBudget
 from beam_infer.dofn import METRICS_NAMESPACE
 from beam_infer.engine.engine import STAGES
-from beam_infer.models import DEFAULT_MODEL
+from beam_infer.io.fetch import is_local
+from beam_infer.models import DEFAULT_IMG2IMG_MODEL, DEFAULT_MODEL, resolve_img2img_task, with_weights
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 
 DEFAULT_CHUNK_SIZE = 64
+TASKS = ("classify", "img2img")
+ROWS = {"classify": "predictions", "img2img": "index"}  # the Parquet file prefix of each task's rows
+IMAGES = "images"  # img2img writes its output images under <output>/images/
+IMAGE_FORMAT = "png"
+# The options of one task only, with their defaults; given with the other task, they are an error.
+TASK_OPTIONS = {
+    "classify": {"top_k": 3, "decode": "cpu"},
+    "img2img": {"image_size": 128},  # 128² keeps the built-in sample at a few seconds on a CPU
+}
+DEFAULT_MODELS = {"classify": DEFAULT_MODEL, "img2img": DEFAULT_IMG2IMG_MODEL}
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="classify", choices=TASKS,
+                        help="classify: top-k labels per image; img2img: an image per image, of the same size")
     parser.add_argument("--input", help="a glob of images (local or fsspec URL) or a Parquet/CSV/JSONL manifest "
                                         "with a 'uri' column; default: a generated sample")
-    parser.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="shapes_net, torchvision:<name> or module:function")
+    parser.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files "
+                                                                      "(and img2img's images/)")
+    parser.add_argument("--model", help=f"classify: {DEFAULT_MODEL} (default), torchvision:<name> or module:function "
+                                        "returning an InferenceTask; img2img: unsharp (default), blur or "
+                                        "module:function returning a float NCHW model of images in [0, 1]")
+    parser.add_argument("--weights", help="a state_dict (torch.save) for the model, local or a URL such as "
+                                          "gs://bucket/model.pt; read with weights_only=True on each worker")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--top-k", type=int, help="classify: labels kept per image (default 3)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="records per Beam element from the read to the inference: Beam's per-element cost is "
                              "paid once per chunk, and a chunk is what Reshuffle spreads over workers")
-    parser.add_argument("--decode", default="cpu", choices=DECODE_PLACES,
-                        help="decode images on CPU threads (any format PIL reads) or on the device (nvJPEG on CUDA, "
-                             "JPEG only)")
+    parser.add_argument("--decode", choices=DECODE_PLACES,
+                        help="classify: decode images on CPU threads (default; any format PIL reads) or on the "
+                             "device (nvJPEG on CUDA, JPEG only)")
+    parser.add_argument("--image-size", type=int,
+                        help="img2img: inputs (the sample's too) are resized to this square size, and the output "
+                             f"images have it (default {TASK_OPTIONS['img2img']['image_size']})")
     parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
     parser.add_argument("--max-dead-letters", type=int,
                         help="fail the job when more records than this become dead letters (default: no limit)")
@@ -67,7 +90,40 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="fail the job when more than this fraction (0-1) of the records fail (default: no limit)")
     parser.add_argument("--runner", default="DirectRunner")
     add_dataflow_arguments(parser)
-    return parser.parse_known_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    for task, options in TASK_OPTIONS.items():
+        for name, default in options.items():
+            if task == args.task and getattr(args, name) is None:
+                setattr(args, name, default)
+            elif task != args.task and getattr(args, name) is not None:
+                parser.error(f"--{name.replace('_', '-')} is an option of --task {task}, not {args.task}")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be at least 1, got {args.image_size}")
+    args.model = args.model or DEFAULT_MODELS[args.task]
+    return args, beam_args
+
+
+def images_dir(output: str) -> str:
+    """Where img2img's images go: `<output>/images`, made absolute when local, so the index's `output_uri`s name
+    the files from any working directory."""
+    directory = f"{output.rstrip('/')}/{IMAGES}"
+    return os.path.abspath(os.path.expanduser(directory)) if is_local(directory) else directory
+
+
+def job_task(args: argparse.Namespace) -> InferenceTask:
+    """The task that --task and --model name, with --weights."""
+    if args.task == "img2img":
+        task = resolve_img2img_task(args.model, images_dir(args.output), args.image_size, IMAGE_FORMAT)
+    else:
+        task = resolve_task(args.model, args.top_k, args.decode)
+    return with_weights(task, args.weights) if args.weights else task
+
+
+def output_files(task: str, output: str) -> list[str]:
+    """What a job of `task` writes under `output`, as globs (for the summary)."""
+    names = [f"{IMAGES}/*.{IMAGE_FORMAT}"] if task == "img2img" else []
+    names += [f"{ROWS[task]}-*.parquet", "dead_letters-*.parquet"]
+    return [f"{output.rstrip('/')}/{name}" for name in names]
 
 
 class _ScoreTop1(beam.DoFn):
@@ -92,11 +148,11 @@ class Summary:
     def mean_batch_size(self) -> float:
         return self.get("batched_records") / self.get("batches") if self.get("batches") else 0.0
 
-    def render(self, runner: str, model: str, config: EngineConfig, output: str) -> str:
+    def render(self, task: str, runner: str, model: str, config: EngineConfig, outputs: Sequence[str]) -> str:
         records = self.get("records")
         busy = ", ".join(f"{s} {self.get(f'busy_us_{s}') / 1e6:.2f}s" for s in STAGES)
         lines = [
-            f"beam_infer classify on {runner}: {records} records ({self.get('predictions')} predictions, "
+            f"beam_infer {task} on {runner}: {records} records ({self.get('predictions')} predictions, "
             f"{self.get('dead_letters')} dead letters) in {self.seconds:.1f}s = {records / self.seconds:.1f} "
             "records/s end to end",
             f"model {model}, batch {config.batch_size}, device {config.device}, dtype {config.dtype}; "
@@ -107,7 +163,7 @@ class Summary:
         if self.get("labelled"):
             lines.append(f"top-1 accuracy: {self.get('top1_correct') / self.get('labelled'):.2%} over "
                          f"{self.get('labelled')} labelled records")
-        lines.append(f"outputs: {output.rstrip('/')}/predictions-*.parquet, dead_letters-*.parquet")
+        lines.append(f"outputs: {', '.join(outputs)}")
         return "\n".join(lines)
 
 
@@ -121,8 +177,10 @@ def query_counters(result: beam.runners.runner.PipelineResult) -> dict[str, int]
 
 
 def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: EngineConfig,
-            output: str, budget: Budget = Budget(), chunk_size: int = DEFAULT_CHUNK_SIZE) -> Summary:
-    """Runs the job over `source` and waits for it: the data flow, top to bottom.
+            output: str, budget: Budget = Budget(), chunk_size: int = DEFAULT_CHUNK_SIZE,
+            rows: str = ROWS["classify"]) -> Summary:
+    """Runs the job over `source` and waits for it: the data flow, top to bottom. The task's rows go to
+    `<output>/<rows>-*.parquet`; objects its postprocess returns as Blobs are written by the inference itself.
 
     Raises:
         FailureBudgetExceeded (inside the runner's error): more records failed than `budget` allows.
@@ -131,9 +189,10 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
     records = pipeline | "Read" >> ReadRecords(source, chunk_size) | "Spread" >> beam.Reshuffle()
     results = records | "Infer" >> RunGpuInference(task, config)
-    results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema)
+    results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema, name=rows)
     results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output)
-    results.predictions | "ScoreTop1" >> beam.ParDo(_ScoreTop1())
+    if "top_labels" in task.output_schema.names:  # a classifier
+        results.predictions | "ScoreTop1" >> beam.ParDo(_ScoreTop1())
     if not budget.unlimited:
         (results.predictions, results.dead_letters) | "FailureBudget" >> FailureBudget(budget)
     result = pipeline.run()
@@ -147,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
     options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
     log_dataflow_job_id(args.runner)
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    task = resolve_task(args.model, args.top_k, args.decode)
+    task = job_task(args)
     sample_dir = None
     source = args.input
     if source is None:
@@ -155,11 +214,13 @@ def main(argv: Sequence[str] | None = None) -> Summary:
         source = write_sample(sample_dir, args.sample_size)
     try:
         summary = run_job(options, source, task, config, args.output,
-                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), chunk_size=args.chunk_size)
+                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), chunk_size=args.chunk_size,
+                          rows=ROWS[args.task])
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)
-    print(summary.render(options.view_as(StandardOptions).runner, task.name, config, args.output))
+    print(summary.render(args.task, options.view_as(StandardOptions).runner, task.name, config,
+                         output_files(args.task, args.output)))
     return summary
 
 

@@ -87,10 +87,12 @@ def predictions_schema(output_schema: pa.Schema) -> pa.Schema:
 
 
 class WritePredictions(WriteParquet):
-    """Predictions as `<directory>/predictions-*.parquet`: id, uri, model and the task's `output_schema`."""
+    """Predictions as `<directory>/<name>-*.parquet` (name: "predictions" unless told): id, uri, model and the
+    task's `output_schema`."""
 
-    def __init__(self, directory: str, output_schema: pa.Schema, num_shards: int = 0) -> None:
-        super().__init__(directory, "predictions", predictions_schema(output_schema), num_shards)
+    def __init__(self, directory: str, output_schema: pa.Schema, num_shards: int = 0,
+                 name: str = "predictions") -> None:
+        super().__init__(directory, name, predictions_schema(output_schema), num_shards)
 
 
 class WriteDeadLetters(WriteParquet):

@@ -1,14 +1,17 @@
-"""Image to image: uint8 images in, uint8 images out, encoded and written by the postprocess stage.
+"""Image to image: uint8 images in, uint8 images of the same size out, encoded by the postprocess stage and written
+by the engine's put stage.
 
 The model sees uint8 NHWC and returns uint8 NHWC (`UInt8ImageToImage` converts on the device), so only bytes
 cross PCIe both ways. Inputs are `.npy` arrays (raw HWC uint8: transfer-heavy, nothing to decode) or any image
-PIL reads; outputs are written as `<output_dir>/<id>.npy` or `.png` through fsspec.
+PIL reads, resized to the task's size. Each output is encoded as PNG or `.npy` and returned as a
+`beam_infer.task.Blob` named `<output_dir>/<safe name of the record's id>.<format>`
+(`beam_infer.io.put.object_uri`: an id cannot name a path outside `output_dir`); the engine writes it (local
+files atomically, remote objects with retries) and the row's `output_uri` becomes its URI.
 """
 
 from __future__ import annotations
 
 import io
-import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,11 +21,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from beam_infer.io.fetch import open_uri
-from beam_infer.task import InferenceTask, record_id
+from beam_infer.io.put import object_uri
+from beam_infer.task import Blob, InferenceTask, record_id
 
-IMAGE_TO_IMAGE_SCHEMA = pa.schema([("output_uri", pa.string()), ("output_bytes", pa.int64())])
-OUTPUT_FORMATS = ("npy", "png")
+IMAGE_TO_IMAGE_SCHEMA = pa.schema([
+    ("output_uri", pa.string()),  # where the output image was written
+    ("width", pa.int32()),  # the output image's size in pixels
+    ("height", pa.int32()),
+])
+OUTPUT_FORMATS = ("png", "npy")
 
 
 class UInt8ImageToImage(nn.Module):
@@ -89,19 +96,16 @@ class _Read:
         return read_image(data, self.size)
 
 
-class _Write:
+class _Encode:
     def __init__(self, output_dir: str, fmt: str) -> None:
-        self.output_dir = output_dir.rstrip("/")
+        self.output_dir = output_dir
         self.fmt = fmt
 
     def __call__(self, outputs: tuple[np.ndarray, ...], record: Mapping[str, Any]) -> dict[str, Any]:
-        parts = encode_image(outputs[0], self.fmt)
-        name = urllib.parse.quote(record_id(record), safe="")  # one file per id: "a/b" and "a_b" stay apart
-        uri = f"{self.output_dir}/{name}.{self.fmt}"
-        with open_uri(uri, "wb") as f:
-            for part in parts:
-                f.write(part)
-        return {"output_uri": uri, "output_bytes": sum(len(part) for part in parts)}
+        image = outputs[0]  # a view of a reused buffer: encode_image reads it now, Blob copies what it keeps
+        height, width = image.shape[:2]
+        uri = object_uri(self.output_dir, record_id(record), "." + self.fmt)
+        return {"output_uri": Blob(uri, encode_image(image, self.fmt)), "width": width, "height": height}
 
 
 class _LoadUInt8:
@@ -109,20 +113,25 @@ class _LoadUInt8:
         self.load_model = load_model
 
     def __call__(self) -> nn.Module:
-        return UInt8ImageToImage(self.load_model())
+        model = self.load_model()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.load_model!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return UInt8ImageToImage(model)
 
 
 def image_to_image(name: str, load_model: Callable[[], nn.Module], output_dir: str, *, image_size: int,
-                   output_format: str = "npy") -> InferenceTask:
+                   output_format: str = "png") -> InferenceTask:
     """Builds the task for a model that maps (N, 3, H, W) float images in [0, 1] to images of the same size.
+
+    Its rows are `output_uri` (the output image's URI), `width` and `height` (int32), beside id, uri and model.
 
     Args:
         name: the model's name.
         load_model: builds the model on the CPU (picklable).
-        output_dir: where the postprocess stage writes each output image (any fsspec URL); it must exist
-            for local paths.
-        image_size: inputs are (image_size, image_size, 3).
-        output_format: "npy" or "png".
+        output_dir: the directory or URL (any fsspec URL) the output images go under, one per record, named
+            after the record's id (`beam_infer.io.put.object_uri`); local directories are created as needed.
+        image_size: inputs are resized to (image_size, image_size, 3); `.npy` inputs must have that shape.
+        output_format: "png" (lossless, compressed) or "npy" (raw HWC uint8: larger, faster to write).
 
     Raises:
         ValueError: an unknown output format.
@@ -130,4 +139,4 @@ def image_to_image(name: str, load_model: Callable[[], nn.Module], output_dir: s
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     return InferenceTask(name=name, load_model=_LoadUInt8(load_model), preprocess=_Read(image_size),
-                         postprocess=_Write(output_dir, output_format), output_schema=IMAGE_TO_IMAGE_SCHEMA)
+                         postprocess=_Encode(output_dir, output_format), output_schema=IMAGE_TO_IMAGE_SCHEMA)

@@ -4,11 +4,17 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
+from PIL import Image
 
 from beam_infer.io.read import read_manifest
+from beam_infer.models.filters import UnsharpMask
 from beam_infer.runners import InProcessDirectRunner, resolve_runner
+from beam_infer.sample import write_sample
+from beam_infer.tasks.img2img import UInt8ImageToImage, read_image
 from pipelines import run
 from tests.conftest import engine_threads, write_bad_files
 
@@ -112,3 +118,77 @@ def test_within_the_failure_budget_the_job_completes_with_its_dead_letters(sampl
     summary = run.main(["--input", str(sample_dir / "*.jpg"), "--output", str(tmp_path / "o"),
                         "--max-dead-letters", "2", "--max-dead-letter-fraction", "0.05"])
     assert summary.get("dead_letters") == 2 and summary.get("predictions") == 48
+
+
+def _decoded_png(uri):
+    return np.asarray(Image.open(uri).convert("RGB"))
+
+
+def _filtered(model, image):
+    """`image` (HWC uint8) through the job's uint8 adapter around `model`, called directly."""
+    with torch.inference_mode():
+        return UInt8ImageToImage(model)(torch.from_numpy(np.array(image))[None])[0].numpy()
+
+
+def test_img2img_on_the_builtin_sample_writes_a_png_per_record_and_an_index_of_them(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    summary = run.main(["--task", "img2img", "--output", out, "--sample-size", "16"])
+    assert (summary.get("records"), summary.get("predictions"), summary.get("dead_letters")) == (16, 16, 0)
+    printed = capsys.readouterr().out
+    assert "beam_infer img2img on DirectRunner: 16 records" in printed and "model unsharp" in printed
+    assert f"outputs: {out}/images/*.png, {out}/index-*.parquet, {out}/dead_letters-*.parquet" in printed
+    rows = read_rows(out, "index")
+    assert sorted(r["id"] for r in rows) == [f"shape-{i:05d}" for i in range(16)]
+    assert all(r["model"] == "unsharp" and (r["width"], r["height"]) == (128, 128) for r in rows)
+    assert sorted(os.listdir(os.path.join(out, "images"))) == sorted(f"{r['id']}.png" for r in rows)
+    assert all(r["output_uri"] == os.path.join(out, "images", f"{r['id']}.png") for r in rows)
+    assert read_rows(out, "dead_letters") == [] and glob.glob(os.path.join(out, "predictions-*")) == []
+    # The same sample again (it is a function of its seed), through the model called directly.
+    write_sample(str(tmp_path / "again"), 16)
+    for r in rows:
+        with open(tmp_path / "again" / f"{r['id']}.jpg", "rb") as f:
+            image = read_image(f.read(), 128)
+        written = _decoded_png(r["output_uri"])
+        assert written.shape == (128, 128, 3)
+        assert np.abs(written.astype(int) - _filtered(UnsharpMask(), image)).max() <= 1  # batch vs one: rounding
+        assert np.abs(written.astype(int) - image).mean() > 1  # it sharpened
+
+
+def test_img2img_with_bad_files_gives_dead_letters_and_an_image_for_every_other_record(sample_dir, tmp_path):
+    corrupt, empty = write_bad_files(sample_dir)
+    out = str(tmp_path / "out")
+    summary = run.main(["--task", "img2img", "--input", str(sample_dir / "*.jpg"), "--output", out,
+                        "--image-size", "32", "--batch-size", "16", "--model", "blur"])
+    assert (summary.get("records"), summary.get("predictions"), summary.get("dead_letters")) == (50, 48, 2)
+    dead = {d["uri"]: d for d in read_rows(out, "dead_letters")}
+    assert set(dead) == {corrupt, empty} and {d["stage"] for d in dead.values()} == {"preprocess"}
+    rows = read_rows(out, "index")
+    inputs = glob.glob(str(sample_dir / "*.jpg"))
+    assert sorted([r["uri"] for r in rows] + list(dead)) == sorted(inputs)  # each input exactly once
+    assert sorted(os.listdir(os.path.join(out, "images"))) == sorted(os.path.basename(r["output_uri"]) for r in rows)
+    for r in rows[:5]:
+        assert os.path.dirname(r["output_uri"]) == os.path.join(out, "images")
+        assert (r["width"], r["height"]) == (32, 32) and _decoded_png(r["output_uri"]).shape == (32, 32, 3)
+    assert engine_threads() == []
+
+
+def test_img2img_keeps_beam_options_passing_through(tmp_path):
+    out = str(tmp_path / "o")
+    summary = run.main(["--task", "img2img", "--output", out, "--sample-size", "8", "--image-size", "32",
+                        "--direct_running_mode=multi_threading", "--direct_num_workers=2"])
+    assert summary.get("predictions") == 8 and len(os.listdir(os.path.join(out, "images"))) == 8
+
+
+def test_each_task_gets_its_own_defaults_and_refuses_the_other_tasks_options(capsys):
+    args, _ = run.parse_args([])
+    assert (args.task, args.model, args.top_k, args.decode, args.image_size) == ("classify", "shapes_net", 3, "cpu",
+                                                                                 None)
+    args, _ = run.parse_args(["--task", "img2img"])
+    assert (args.model, args.top_k, args.decode, args.image_size) == ("unsharp", None, None, 128)
+    for argv, message in ((["--task", "img2img", "--decode", "device"], "--decode is an option of --task classify"),
+                          (["--task", "img2img", "--top-k", "5"], "--top-k is an option of --task classify"),
+                          (["--image-size", "64"], "--image-size is an option of --task img2img"),
+                          (["--task", "img2img", "--image-size", "0"], "--image-size must be at least 1")):
+        with pytest.raises(SystemExit):
+            run.parse_args(argv)
+        assert message in capsys.readouterr().err
