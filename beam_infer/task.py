@@ -66,7 +66,9 @@ class Blob:
 
     def __init__(self, uri: str, data: bytes | Iterable[bytes | memoryview]) -> None:
         object.__setattr__(self, "uri", uri)
-        object.__setattr__(self, "data", data if type(data) is bytes else b"".join(data))
+        if not isinstance(data, bytes):
+            data = bytes(data) if isinstance(data, (bytearray, memoryview)) else b"".join(data)
+        object.__setattr__(self, "data", data)
 
     def __repr__(self) -> str:
         return f"Blob({self.uri!r}, {len(self.data)} bytes)"

@@ -37,7 +37,6 @@ _LOG = logging.getLogger(__name__)
 _TRACE_KEPT = 4096  # timed (batch, stage) spans kept with trace_events: the last ~1,400 batches' three spans
 
 STAGES = ("fetch", "preprocess", "collate", "h2d", "device_preprocess", "forward", "d2h", "postprocess", "put")
-IO_COUNTERS = ("fetch_retries", "fetch_failures", "put_retries", "put_failures")  # Beam counters of remote I/O
 
 
 class Bundle:

@@ -134,8 +134,8 @@ class Run:
         stuck = []
         with self._lock:
             io, self._closed = self._remote, True
-        if io is not None and not io.close(max(0.0, deadline - time.monotonic())):  # its requests are dropped
-            stuck.append("beam_infer-remote")
+        if io is not None:
+            io.begin_close()  # requests dropped; joined last: a busy loop cannot eat the device threads' time
         for pool in (self._fetch_pool, self._decode_pool):
             if pool is not None:
                 stuck += pool.stop(cancel=True, deadline=deadline)
@@ -148,6 +148,8 @@ class Run:
         stuck += [t.name for t in self._threads if t.is_alive()]
         if self._post_pool is not None:
             stuck += self._post_pool.stop(cancel=False, deadline=deadline)
+        if io is not None and not io.join(max(0.0, deadline - time.monotonic())):
+            stuck.append("beam_infer-remote")
         return stuck
 
     def _ended(self) -> bool:
@@ -180,10 +182,14 @@ class Run:
         uri = item.result.record["uri"]
         if isinstance(uri, str) and is_local(uri):
             self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
-        elif isinstance(uri, str) and remote.serves(uri):
-            self._remote_io().read(uri, functools.partial(self._fetched, item))
-        else:
-            self._fetch_pool.submit(self._fetch, item, False)
+            return
+        try:
+            if isinstance(uri, str) and remote.serves(uri):
+                self._remote_io().read(uri, functools.partial(self._fetched, item))
+            else:
+                self._fetch_pool.submit(self._fetch, item, False)
+        except Exception as e:  # noqa: BLE001 - no client for the URI: the record's failure (it has taken a room)
+            self._record_failed_upstream(item, "fetch", e)
 
     def _remote_io(self) -> remote.RemoteIO:
         """The run's remote I/O, started on first use (a job that reads and writes only local files has none).
@@ -192,7 +198,7 @@ class Run:
             EngineError: the run is stopping.
         """
         io = self._remote
-        if io is None:
+        if io is None or self._closed:
             with self._lock:
                 if self._closed:
                     raise EngineError("the engine run is stopping")
@@ -201,7 +207,7 @@ class Run:
                     self._remote = remote.RemoteIO(
                         concurrency=c.fetch_concurrency, max_bytes=c.fetch_max_bytes,
                         retry=remote.RetryPolicy(c.io_attempts, c.io_backoff_s, timeout_s=c.io_timeout_s),
-                        count=self._stats.count, busy=self._stats.busy)
+                        count=self._stats.count, busy=self._stats.busy, on_error=lambda e: self.fail(e, "remote I/O"))
                 io = self._remote
         return io
 

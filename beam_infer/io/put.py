@@ -18,7 +18,8 @@ def safe_object_name(record_id: str) -> str:
 
     Every byte but letters, digits and `_.-~` is percent-encoded (so `/`, `\\`, NUL and control characters cannot
     make a path), a leading "." becomes "%2E" (no `.`, `..` or hidden names), and a name longer than 200 bytes
-    keeps its first 167 and a hash of the whole. Distinct ids give distinct names.
+    keeps its first 168 and a hash of the whole: 201 bytes, a length no unhashed name has, so distinct ids give
+    distinct names (up to a 128-bit hash collision).
 
     Raises:
         ValueError: the id is empty.
@@ -29,7 +30,7 @@ def safe_object_name(record_id: str) -> str:
     if name.startswith("."):
         name = "%2E" + name[1:]
     if len(name) > _MAX_NAME_BYTES:
-        name = f"{name[:167]}-{hashlib.sha256(record_id.encode()).hexdigest()[:32]}"
+        name = f"{name[:168]}-{hashlib.sha256(record_id.encode()).hexdigest()[:32]}"
     return name
 
 

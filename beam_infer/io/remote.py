@@ -10,7 +10,11 @@ async-native and one thread holds them all. Per RemoteIO:
 - every request has a timeout; transient failures (408, 429, 5xx, a dropped or reset connection, a truncated
   body, a timeout) are retried with exponential backoff and full jitter; permanent ones (404, 403, 400, …) fail
   at once. The final error is a RemoteIOError naming the URI, the HTTP status where there is one, and the attempts;
-- gcsfs's own retry loop (6 tries, sleeps of 1-32 s, uncounted) is turned off, so this policy is the only one.
+- gcsfs's own retry loop (6 tries, sleeps of 1-32 s, uncounted) is turned off, so this policy is the only one
+  (s3fs and botocore keep theirs: they run inside each attempt);
+- gs:// uses gcsfs's core filesystem, not its experimental zonal/HNS one: single-request uploads (an object is
+  complete under its name or absent) and no storage-layout gRPC call per bucket;
+- each filesystem gets a connection pool as large as the two directions' concurrency (aiohttp's default is 100).
 
 Filesystems without an async implementation (memory://, local files) are not served here: `serves` says which.
 """
@@ -18,6 +22,7 @@ Filesystems without an async implementation (memory://, local files) are not ser
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import random
@@ -34,6 +39,7 @@ _LOG = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_ERRORS = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+_TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})  # s3fs's translations of 503 SlowDown and of 500
 _ASYNC_PROTOCOLS: dict[str, bool] = {}  # protocol -> whether fsspec has an async implementation for it
 
 
@@ -53,6 +59,9 @@ def serves(uri: str) -> bool:
         try:
             known = bool(getattr(fsspec.get_filesystem_class(protocol), "async_impl", False))
         except (ValueError, ImportError):  # unknown protocol, or its package missing: the thread pool reports it
+            known = False
+        except Exception:  # noqa: BLE001 - a package that fails to import (a protobuf mismatch, say): likewise
+            _LOG.warning("beam_infer: the fsspec filesystem for %s:// failed to load", protocol, exc_info=True)
             known = False
         _ASYNC_PROTOCOLS[protocol] = known
     return known
@@ -91,10 +100,18 @@ def status_of(error: BaseException) -> int | None:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether trying again may succeed: a 408, 429 or 5xx status, a connection error, a truncated body, a timeout."""
+    """Whether trying again may succeed: a 408, 429 or 5xx status, a connection error, a truncated body, a timeout,
+    an access token that failed to refresh (gcsfs's 401 "Invalid Credentials", google-auth's refresh and transport
+    errors, as gcsfs's own retry policy has it)."""
     status = status_of(error)
+    if status == 401:
+        return "Invalid Credentials" in str(error)
     if status is not None:
         return status in TRANSIENT_STATUSES
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS:
+        return True
+    if type(error).__name__ in ("RefreshError", "TransportError") and "google.auth" in type(error).__module__:
+        return True
     return isinstance(error, _TRANSIENT_ERRORS)
 
 
@@ -121,33 +138,38 @@ def _describe(verb: str, uri: str, error: BaseException, status: int | None, att
 
 
 def _gcs_filesystem_class() -> type:
-    """gcsfs's filesystem with one try per request (this module retries), or gcsfs's own if that cannot be had."""
-    import gcsfs
+    """gcsfs's core filesystem with one try per request (this module retries), or gcsfs's own retrying one if
+    that cannot be had."""
+    prepare_storage_emulator()
+    from gcsfs.core import GCSFileSystem
 
-    request = getattr(gcsfs.GCSFileSystem._request, "__wrapped__", None)  # undecorated by gcsfs's retry_request
+    request = getattr(GCSFileSystem._request, "__wrapped__", None)  # undecorated by gcsfs's retry_request
     if request is None:
         _LOG.warning("beam_infer: gcsfs's request retries could not be turned off; they run inside beam_infer's")
-        return gcsfs.GCSFileSystem
+        return GCSFileSystem
 
-    class OneTryGCSFileSystem(gcsfs.GCSFileSystem):
+    class OneTryGCSFileSystem(GCSFileSystem):
         _request = request
 
     return OneTryGCSFileSystem
 
 
-def open_async_filesystem(protocol: str, loop: asyncio.AbstractEventLoop) -> Any:
-    """An fsspec filesystem for `protocol` bound to `loop` (not fsspec's shared instance, which has its own loop).
-    For gs:// under STORAGE_EMULATOR_HOST, anonymous: an emulator takes no credentials, and looking for them
-    waits on the metadata server."""
-    prepare_storage_emulator()
+def open_async_filesystem(protocol: str, connector: aiohttp.BaseConnector) -> Any:
+    """A fresh async fsspec filesystem for `protocol` (not fsspec's shared instance, which has its own loop): its
+    session is made on first use, in the loop that uses it, over `connector`. For gs:// under
+    STORAGE_EMULATOR_HOST, anonymous: an emulator takes no credentials, and looking for them waits on the
+    metadata server. Blocking (credential look-ups): call it off the event loop."""
     options: dict[str, Any] = {}
     if protocol in ("gs", "gcs"):
         cls = _gcs_filesystem_class()
+        options["session_kwargs"] = {"connector": connector}
         if os.environ.get("STORAGE_EMULATOR_HOST"):
             options["token"] = "anon"
     else:
         cls = fsspec.get_filesystem_class(protocol)
-    return cls(asynchronous=True, loop=loop, skip_instance_cache=True, **options)
+        if protocol in ("http", "https"):
+            options["client_kwargs"] = {"connector": connector}
+    return cls(asynchronous=True, skip_instance_cache=True, **options)
 
 
 class RemoteIO:
@@ -155,19 +177,25 @@ class RemoteIO:
 
     `read` and `write` return at once and may be called from any thread; their `done` callbacks run on the loop's
     thread and must not block. `count(name, n)` and `busy(stage, seconds)` receive the retries and failures
-    ("fetch_retries", "put_failures", …) and each request's seconds (all attempts), stage "fetch" or "put".
+    ("fetch_retries", "put_failures", …) and each request's seconds (all attempts: latency, summed over the
+    requests in flight), stage "fetch" or "put". `on_error(error)` receives what no record owns: a callback that
+    raised, a request cancelled while the loop was not closing.
     """
 
     def __init__(self, *, concurrency: int, max_bytes: int, retry: RetryPolicy,
-                 count: Callable[[str, int], None], busy: Callable[[str, float], None]) -> None:
+                 count: Callable[[str, int], None], busy: Callable[[str, float], None],
+                 on_error: Callable[[BaseException], None]) -> None:
         self._retry = retry
         self._count = count
         self._busy = busy
+        self._on_error = on_error
+        self._connections = 2 * concurrency  # reads and writes share a filesystem's connection pool
         self._max_bytes = max_bytes
         self._held = 0  # bytes read and not yet released
         self._held_lock = threading.Lock()
         self._rng = random.Random()
-        self._filesystems: dict[str, Any] = {}
+        self._filesystems: dict[str, Any] = {}  # protocol -> filesystem, or the error its construction raised
+        self._connectors: list[aiohttp.BaseConnector] = []
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._loop = asyncio.new_event_loop()
@@ -175,6 +203,7 @@ class RemoteIO:
         self._write_slots = asyncio.Semaphore(concurrency)
         self._byte_room = asyncio.Event()
         self._byte_room.set()
+        self._opening = asyncio.Lock()  # one filesystem construction at a time
         self._thread = threading.Thread(target=self._loop.run_forever, name="beam_infer-remote", daemon=True)
         self._thread.start()
 
@@ -182,13 +211,13 @@ class RemoteIO:
 
     def read(self, uri: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
         """Starts reading `uri`; then `done(data, None)`, or `done(None, RemoteIOError)`. The caller releases
-        len(data) once it no longer holds the data."""
-        self._loop.call_soon_threadsafe(self._start, self._read(uri, done))
+        len(data) once it no longer holds the data. Does nothing once closing (nor calls `done`)."""
+        self._soon(self._start, self._read, uri, done)
 
     def write(self, uri: str, data: bytes, done: Callable[[BaseException | None], None]) -> None:
         """Starts writing `data` to `uri` as one object (a single upload: complete under its name, or absent);
-        then `done(None)`, or `done(RemoteIOError)`."""
-        self._loop.call_soon_threadsafe(self._start, self._write(uri, data, done))
+        then `done(None)`, or `done(RemoteIOError)`. Does nothing once closing (nor calls `done`)."""
+        self._soon(self._start, self._write, uri, data, done)
 
     def release(self, nbytes: int) -> None:
         """Gives back `nbytes` of read data to the bound on bytes in flight."""
@@ -196,39 +225,49 @@ class RemoteIO:
             self._held -= nbytes
             wake = self._held < self._max_bytes and not self._byte_room.is_set()
         if wake:
-            self._loop.call_soon_threadsafe(self._byte_room.set)
+            self._soon(self._byte_room.set)
 
-    def close(self, timeout_s: float) -> bool:
-        """Cancels what is in flight (no `done` is called for it), closes the clients' sessions and ends the
-        thread, waiting up to `timeout_s`.
-
-        Returns:
-            Whether the thread ended.
-        """
+    def begin_close(self) -> None:
+        """Starts closing without waiting: requests in flight are cancelled (no `done` is called for them), the
+        clients' sessions closed, and the loop stopped. `join` waits for it."""
         if self._closed:
-            return not self._thread.is_alive()
+            return
         self._closed = True
-        deadline = time.monotonic() + timeout_s
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout_s)
-        except Exception as e:  # noqa: BLE001 - a session that fails to close is not worth failing a stop for
-            _LOG.warning("beam_infer: closing remote I/O: %r", e)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._soon(self._start_shutdown, force=True)
+
+    def join(self, timeout_s: float) -> bool:
+        """Waits up to `timeout_s` for the loop's thread to end after begin_close. Returns whether it ended."""
+        self._thread.join(timeout_s)
         if self._thread.is_alive():
             return False
-        self._loop.close()
+        if not self._loop.is_closed():
+            self._loop.close()
         return True
+
+    def close(self, timeout_s: float) -> bool:
+        """begin_close, then join."""
+        self.begin_close()
+        return self.join(timeout_s)
+
+    def _soon(self, fn: Callable[..., Any], *args: Any, force: bool = False) -> None:
+        if self._closed and not force:
+            return
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop has closed meanwhile: closing drops requests anyway
+            pass
 
     # ---- the loop's thread -----------------------------------------------------------------------------
 
-    def _start(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _start(self, request: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         if self._closed:
-            coro.close()
             return
-        task = self._loop.create_task(coro)
+        task = self._loop.create_task(request(*args))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _start_shutdown(self) -> None:
+        self._loop.create_task(self._shutdown())
 
     async def _read(self, uri: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
         try:
@@ -240,29 +279,40 @@ class RemoteIO:
                 self._held += len(data)
                 if self._held >= self._max_bytes:
                     self._byte_room.clear()
-        except asyncio.CancelledError:
-            raise  # closing: the run that asked is stopping, and its bundles fail without this record
-        except Exception as e:  # noqa: BLE001 - the caller's record owns it
-            _call_back(done, None, e)
+        except asyncio.CancelledError as e:
+            if self._closed:
+                raise  # the run that asked is stopping, and its bundles fail without this record
+            self._report(e)
             return
-        _call_back(done, data, None)
+        except Exception as e:  # noqa: BLE001 - the caller's record owns it
+            self._call_back(done, None, e)
+            return
+        self._call_back(done, data, None)
 
     async def _write(self, uri: str, data: bytes, done: Callable[[BaseException | None], None]) -> None:
         try:
             async with self._write_slots:
                 await self._call("put", "PUT", uri, lambda fs, path: fs._pipe_file(path, data))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            _call_back(done, e)
+        except asyncio.CancelledError as e:
+            if self._closed:
+                raise
+            self._report(e)
             return
-        _call_back(done, None)
+        except Exception as e:  # noqa: BLE001
+            self._call_back(done, e)
+            return
+        self._call_back(done, None)
 
     async def _call(self, stage: str, verb: str, uri: str, request: Callable[[Any, str], Any]) -> Any:
         """`request(fs, path)`, timed out and retried by the policy; a RemoteIOError once it fails for good."""
         t0 = time.perf_counter()
         try:
-            fs, path = self._filesystem(uri)
+            try:
+                fs = await self._filesystem(uri.partition("://")[0])
+            except Exception as e:  # noqa: BLE001 - no client, so no request: the record's failure
+                self._count(f"{stage}_failures", 1)
+                raise RemoteIOError(f"{verb} {uri} failed: no client for it ({type(e).__name__}: {e})") from e
+            path = fs._strip_protocol(uri)
             for attempt in range(1, self._retry.attempts + 1):
                 try:
                     return await asyncio.wait_for(request(fs, path), self._retry.timeout_s)
@@ -278,26 +328,53 @@ class RemoteIO:
         finally:
             self._busy(stage, time.perf_counter() - t0)
 
-    def _filesystem(self, uri: str) -> tuple[Any, str]:
-        protocol = uri.partition("://")[0]
+    async def _filesystem(self, protocol: str) -> Any:
+        """The filesystem for `protocol`, made once, off the loop (making one may look up credentials); a
+        construction that failed raises its error again for every request."""
         fs = self._filesystems.get(protocol)
         if fs is None:
-            fs = self._filesystems[protocol] = open_async_filesystem(protocol, self._loop)
-        return fs, fs._strip_protocol(uri)
+            async with self._opening:
+                fs = self._filesystems.get(protocol)
+                if fs is None:
+                    connector = aiohttp.TCPConnector(limit=self._connections)
+                    self._connectors.append(connector)
+                    try:
+                        fs = await asyncio.to_thread(open_async_filesystem, protocol, connector)
+                    except Exception as e:  # noqa: BLE001 - kept, so each request fails fast with it
+                        fs = e
+                    self._filesystems[protocol] = fs
+        if isinstance(fs, Exception):
+            raise fs
+        return fs
 
     async def _shutdown(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for fs in self._filesystems.values():
-            session = getattr(fs, "_session", None)  # gcsfs's and fsspec http's aiohttp session
-            if session is not None and not session.closed:
-                await session.close()
+        try:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for fs in self._filesystems.values():
+                session = getattr(fs, "_session", None)  # gcsfs's and fsspec http's aiohttp session
+                if session is not None and not session.closed:
+                    await session.close()
+            for connector in self._connectors:
+                await connector.close()
+            await self._loop.shutdown_default_executor()
+        except Exception as e:  # noqa: BLE001 - a session that fails to close is not worth failing a stop for
+            _LOG.warning("beam_infer: closing remote I/O: %r", e)
+        finally:
+            self._loop.stop()
+
+    def _call_back(self, done: Callable[..., None], *args: Any) -> None:
+        try:
+            done(*args)
+        except Exception as e:  # noqa: BLE001 - a callback's bug: its record would never return
+            self._report(e)
+
+    def _report(self, error: BaseException) -> None:
+        try:
+            self._on_error(error)
+        except Exception:  # noqa: BLE001
+            _LOG.exception("beam_infer: remote I/O could not report %r", error)
 
 
-def _call_back(done: Callable[..., None], *args: Any) -> None:
-    try:
-        done(*args)
-    except Exception:  # noqa: BLE001 - a callback's bug must not end the loop
-        _LOG.exception("beam_infer: a remote I/O callback failed")

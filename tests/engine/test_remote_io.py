@@ -139,3 +139,33 @@ def test_releasing_the_engine_with_remote_reads_hanging_ends_every_thread(script
     bundle.close()
     engine.release()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("beam_infer")]
+
+
+def test_stopping_while_the_event_loop_is_blocked_does_not_take_the_device_threads_for_stuck(script,
+                                                                                          process_exits):
+    records = _numbers(script, 2)
+    script.steps["in/0"] = [flaky_fs.Block(1.5)]  # a synchronous call in a client holds the loop past the stop timeout
+    engine = Engine(number_task(), dataclasses.replace(CONFIG, stop_timeout_s=1.0)).retain()
+    bundle = engine.open_bundle()
+    for r in records:
+        bundle.submit(r)
+    bundle.close()
+    engine.release()
+    assert process_exits.codes == [], "the device threads stopped in time: no device fault"
+    engine.retain()  # and the engine still starts a run
+    engine.release()
+
+
+def test_a_uri_whose_client_cannot_be_had_is_a_fetch_dead_letter_not_a_lost_room(script, monkeypatch):
+    from beam_infer.io import remote
+
+    def no_client(uri):
+        raise RuntimeError("no client")
+    monkeypatch.setattr(remote, "serves", no_client)
+    records = _numbers(script, 9)  # more than max_in_flight (4 x batch 1): a leaked room would block submit
+    engine = Engine(number_task(), dataclasses.replace(CONFIG, batch_size=1)).retain()
+    try:
+        results = run_all(engine, records)
+    finally:
+        engine.release()
+    assert len(results) == 9 and {r.failure.stage for r in results} == {"fetch"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 
 import fsspec
@@ -13,12 +14,19 @@ from fsspec.asyn import AsyncFileSystem
 PROTOCOL = "flaky"
 
 
+class Block:
+    """A step that blocks the event loop's thread for `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+
 class Script:
     """The shared state of every FlakyFileSystem instance (RemoteIO makes its own on its loop)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
-        self.steps: dict[str, list] = defaultdict(list)  # path -> [Exception | float (seconds to sleep) | None]
+        self.steps: dict[str, list] = defaultdict(list)  # path -> [Exception | seconds to sleep | Block | None]
         self.calls: dict[str, int] = defaultdict(int)
         self.in_flight = 0
         self.most_in_flight = 0
@@ -34,7 +42,9 @@ class Script:
         try:
             while self.gate is not None and not self.gate.is_set():
                 await asyncio.sleep(0.005)
-            if isinstance(step, (int, float)):
+            if isinstance(step, Block):
+                time.sleep(step.seconds)  # holds the event loop, as a synchronous call inside a client would
+            elif isinstance(step, (int, float)):
                 await asyncio.sleep(step)
             elif step is not None:
                 raise step

@@ -27,7 +27,8 @@ class _Client:
         self.results = {}
         settings = dict(concurrency=8, max_bytes=1 << 20, retry=RetryPolicy(attempts=4, backoff_s=0.001))
         settings.update(kwargs)
-        self.io = RemoteIO(count=lambda name, n: self.counts.update({name: n}),
+        self.errors = []
+        self.io = RemoteIO(count=lambda name, n: self.counts.update({name: n}), on_error=self.errors.append,
                            busy=lambda stage, s: self.busy.update({stage: s}), **settings)
 
     def read(self, uri):
@@ -181,3 +182,55 @@ def test_errors_are_sorted_by_the_status_they_carry():
     assert not is_transient(aiohttp.ClientResponseError(None, (), status=404))
     assert not is_transient(ValueError("not a remote error")) and status_of(ValueError("x")) is None
     assert not is_transient(RuntimeError("CUDA error: an illegal memory access"))
+
+
+@pytest.mark.parametrize("error", [HttpError(401), ValueError("401 Invalid Credentials")])
+def test_only_a_401_for_a_token_that_failed_to_refresh_is_retried(error):
+    assert not is_transient(error)
+    expired = HttpError(401)
+    expired.args = ("Invalid Credentials, 401",)
+    assert is_transient(expired)
+
+
+def test_s3fs_translations_of_503_and_500_are_transient_and_other_os_errors_are_not():
+    import errno
+
+    assert is_transient(OSError(errno.EBUSY, "SlowDown")) and is_transient(OSError(errno.EREMOTEIO, "500"))
+    assert not is_transient(OSError(errno.EIO, "unknown"))
+
+
+def test_a_filesystem_that_fails_to_load_is_not_served_and_does_not_raise(monkeypatch):
+    import fsspec
+
+    def broken(protocol):
+        raise TypeError("Descriptors cannot be created directly")  # a protobuf mismatch, say
+    monkeypatch.setattr(fsspec, "get_filesystem_class", broken)
+    monkeypatch.setattr(remote, "_ASYNC_PROTOCOLS", {})
+    assert not remote.serves("brokenproto://b/x")
+
+
+def test_a_callback_that_raises_is_reported_not_swallowed(script, client):
+    script.objects["b/x"] = b"x"
+    c = client()
+    reported = threading.Event()
+    c.io._on_error = lambda e: (c.errors.append(e), reported.set())
+    c.io.read("flaky://b/x", lambda data, error: 1 / 0)
+    assert reported.wait(10) and isinstance(c.errors[0], ZeroDivisionError)
+
+
+def test_after_close_reads_writes_and_releases_do_nothing_and_raise_nothing(script, client):
+    c = client(max_bytes=1)
+    assert c.io.close(5)
+    c.read("flaky://b/x")
+    c.write("flaky://b/y", b"y")
+    c.io.release(10)
+    assert not c.done.acquire(timeout=0.2) and script.calls == {}
+
+
+def test_a_loop_blocked_by_a_synchronous_call_still_ends_once_it_returns(script, client):
+    script.objects["b/x"] = b"x"
+    script.steps["b/x"] = [flaky_fs.Block(0.5)]
+    c = client()
+    c.read("flaky://b/x")
+    c.io.begin_close()  # returns at once
+    assert c.io.join(10)
