@@ -38,6 +38,7 @@ from beam_infer.budget import Budget, FailureBudget
 from beam_infer.dofn import METRICS_NAMESPACE
 from beam_infer.engine.engine import STAGES
 from beam_infer.io.fetch import is_local
+from beam_infer.io.gcs_env import prepare_storage_emulator
 from beam_infer.models import DEFAULT_IMG2IMG_MODEL, DEFAULT_MODEL, resolve_img2img_task, with_weights
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
@@ -203,6 +204,7 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     args, beam_args = parse_args(argv)
+    beam_args = prepare_storage_emulator(beam_args)  # STORAGE_EMULATOR_HOST: no wait on Google credentials
     options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
     log_dataflow_job_id(args.runner)
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)

@@ -5,6 +5,8 @@ from typing import NoReturn
 import pytest
 import torch
 
+pytest_plugins = ["tests.gcs.fixtures"]  # gcs_server, gcs: gs:// on loopback (fake-gcs-server behind a proxy)
+
 REQUIRE_JVM = "BEAM_INFER_REQUIRE_JVM"  # set to 1 (as .ci/run does): a JVM test that would skip fails instead
 
 

@@ -7,6 +7,8 @@ import os
 
 import fsspec
 
+from beam_infer.io.gcs_env import storage_options
+
 
 def is_local(uri: str) -> bool:
     return "://" not in uri
@@ -20,7 +22,7 @@ def local_path(uri: str) -> str:
 
 def open_uri(uri: str, mode: str):
     """A file object for `uri` (use it as a context manager)."""
-    return open(local_path(uri), mode) if is_local(uri) else fsspec.open(uri, mode)
+    return open(local_path(uri), mode) if is_local(uri) else fsspec.open(uri, mode, **storage_options(uri))
 
 
 def fetch_bytes(uri: str) -> bytes:
@@ -32,5 +34,5 @@ def fetch_bytes(uri: str) -> bytes:
     if is_local(uri):
         with open(local_path(uri), "rb") as f:
             return f.read()
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri))
     return fs.cat_file(path)

@@ -12,6 +12,8 @@ import apache_beam as beam
 import fsspec
 import pyarrow as pa
 
+from beam_infer.io.gcs_env import storage_options
+
 MANIFEST_SUFFIXES = (".parquet", ".csv", ".jsonl", ".json", ".ndjson")
 
 
@@ -21,7 +23,7 @@ def is_manifest(path: str) -> bool:
 
 
 def _read_table(path: str) -> pa.Table:
-    with fsspec.open(path, "rb") as f:
+    with fsspec.open(path, "rb", **storage_options(path)) as f:
         lower = path.lower()
         if lower.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -63,7 +65,7 @@ def match_files(pattern: str) -> Iterator[dict[str, Any]]:
     Raises:
         FileNotFoundError: nothing matches.
     """
-    fs, _, paths = fsspec.get_fs_token_paths(pattern)
+    fs, _, paths = fsspec.get_fs_token_paths(pattern, storage_options=storage_options(pattern))
     files = sorted(p for p in paths if not fs.isdir(p))
     if not files:
         raise FileNotFoundError(f"no files match {pattern!r}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import os
 import random
 import threading
 import time
@@ -35,6 +34,8 @@ from typing import Any
 import aiohttp
 import fsspec
 
+from beam_infer.io.gcs_env import gcsfs_storage_options, prepare_storage_emulator
+
 _LOG = logging.getLogger(__name__)
 
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
@@ -43,19 +44,12 @@ _TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})  # s3fs's translat
 _ASYNC_PROTOCOLS: dict[str, bool] = {}  # protocol -> whether fsspec has an async implementation for it
 
 
-def prepare_storage_emulator() -> None:
-    """With STORAGE_EMULATOR_HOST set, tells gcsfs (before it is imported) not to ask the storage-control gRPC API
-    for the bucket layout, which an emulator does not serve (each call waits 60 s)."""
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-
 def serves(uri: str) -> bool:
     """Whether RemoteIO reads and writes `uri`: a URL whose fsspec filesystem is async (gs://, s3://, http(s)://)."""
     protocol = uri.partition("://")[0]
     known = _ASYNC_PROTOCOLS.get(protocol)
     if known is None:
-        prepare_storage_emulator()
+        prepare_storage_emulator([])  # before gcsfs is imported
         try:
             known = bool(getattr(fsspec.get_filesystem_class(protocol), "async_impl", False))
         except (ValueError, ImportError):  # unknown protocol, or its package missing: the thread pool reports it
@@ -140,7 +134,6 @@ def _describe(verb: str, uri: str, error: BaseException, status: int | None, att
 def _gcs_filesystem_class() -> type:
     """gcsfs's core filesystem with one try per request (this module retries), or gcsfs's own retrying one if
     that cannot be had."""
-    prepare_storage_emulator()
     from gcsfs.core import GCSFileSystem
 
     request = getattr(GCSFileSystem._request, "__wrapped__", None)  # undecorated by gcsfs's retry_request
@@ -162,9 +155,7 @@ def open_async_filesystem(protocol: str, connector: aiohttp.BaseConnector) -> An
     options: dict[str, Any] = {}
     if protocol in ("gs", "gcs"):
         cls = _gcs_filesystem_class()
-        options["session_kwargs"] = {"connector": connector}
-        if os.environ.get("STORAGE_EMULATOR_HOST"):
-            options["token"] = "anon"
+        options.update(session_kwargs={"connector": connector}, **gcsfs_storage_options())
     else:
         cls = fsspec.get_filesystem_class(protocol)
         if protocol in ("http", "https"):

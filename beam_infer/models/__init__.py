@@ -34,8 +34,9 @@ class UInt8ImageInput(nn.Module):
 
 class WithWeights:
     """Builds a model with `load_model`, then loads the state dict at `uri` (a local path or any fsspec URL:
-    gs://, s3://, …) into it: into the model that --model names, inside beam_infer's uint8 adapter where there is
-    one. Read with weights_only=True (tensors and plain containers, no pickled code), on each worker."""
+    gs://, s3://, …) into it: into the model that --model names, inside the task's adapters (uint8 input, top-k)
+    where its keys are those of the model within. Read with weights_only=True (tensors and plain containers, no
+    pickled code), on each worker."""
 
     def __init__(self, load_model, uri: str) -> None:
         self.load_model = load_model
@@ -43,12 +44,13 @@ class WithWeights:
 
     def __call__(self) -> nn.Module:
         from beam_infer.io.fetch import fetch_bytes
-        from beam_infer.tasks.img2img import UInt8ImageToImage
 
         model = self.load_model()
-        inner = model.model if isinstance(model, (UInt8ImageInput, UInt8ImageToImage)) else model
         state = torch.load(io.BytesIO(fetch_bytes(self.uri)), map_location="cpu", weights_only=True)
-        inner.load_state_dict(state)
+        target = model  # the task's adapters (uint8 input, top-k) hold the named model as `.model`
+        while set(target.state_dict()) != set(state) and isinstance(getattr(target, "model", None), nn.Module):
+            target = target.model
+        target.load_state_dict(state)  # strict: a checkpoint of another model names its missing keys
         return model
 
 
