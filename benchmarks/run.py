@@ -2,6 +2,7 @@
 
     python -m benchmarks.run --scenario classify-cpu-decode --device cuda --json results.json
     python -m benchmarks.run --scenario img2img --device cpu --items 16 --batch-size 4 --image-size 64
+    python -m benchmarks.run --scenario remote-fetch --latency-ms 40    # gs:// reads: see benchmarks/remote_fetch.py
 
 Throughput is given twice: end to end (wall time, with Beam's start-up and the Parquet writes for the Beam
 competitors) and steady (first record decoded to last record postprocessed). The ratio to the bound uses the
@@ -38,12 +39,13 @@ from benchmarks.monitor import Monitor, describe_device
 from benchmarks.scenarios import SCENARIOS, Scenario, classifier
 
 COMPETITORS = ("naive", "runinference", "beam_infer")
+REMOTE_FETCH = "remote-fetch"  # its own module: a GCS server, a latency proxy and other competitors
 _FORWARD_BATCHES_MAX = 20
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
+    parser.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, REMOTE_FETCH]))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--items", type=int, help="records per competitor (default: the scenario's)")
     parser.add_argument("--batch-size", type=int, help="default: the scenario's (256)")
@@ -60,6 +62,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gil-switch-interval", type=float, default=EngineConfig.gil_switch_interval_s,
                         help="beam_infer's EngineConfig.gil_switch_interval_s (default: %(default)s s; Python's "
                              "own is 0.005)")
+    parser.add_argument("--latency-ms", type=int, default=40,
+                        help="remote-fetch: the latency the proxy adds to every request (default: %(default)s)")
     parser.add_argument("--json", help="write the results here as JSON")
     return parser.parse_args(argv)
 
@@ -204,8 +208,14 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     args = parse_args(argv)
-    result = benchmark(args)
-    print(render(result), flush=True)
+    if args.scenario == REMOTE_FETCH:
+        from benchmarks import remote_fetch
+
+        result = remote_fetch.benchmark(args)
+        print(remote_fetch.render(result), flush=True)
+    else:
+        result = benchmark(args)
+        print(render(result), flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
