@@ -16,6 +16,7 @@ Targets: beam_infer at N ms ≥ 0.8 × its own 0 ms (latency hidden), and ≥ 10
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import apache_beam as beam
@@ -96,6 +98,20 @@ def fileio_read(pattern: str, preprocess: Any) -> competitors.Run:
     return competitors.Run(records, time.perf_counter() - start, clock.first or 0.0, clock.last or 0.0)
 
 
+@contextlib.contextmanager
+def _emulator_at(url: str) -> Iterator[None]:
+    """STORAGE_EMULATOR_HOST=url for the block, as it was afterwards."""
+    before = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["STORAGE_EMULATOR_HOST"]
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = before
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     items = args.items or 3000
     slow_items = min(args.slow_items or 200, items)
@@ -104,8 +120,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     task = classifier("one_pixel")("cpu", "", IMAGE[1])
     scratch = tempfile.mkdtemp(prefix="beam_infer_remote_")
     rows = []
-    with GcsServer() as server, FaultProxy(server.url) as proxy:
-        os.environ["STORAGE_EMULATOR_HOST"] = proxy.url
+    with GcsServer() as server, FaultProxy(server.url) as proxy, _emulator_at(proxy.url):
         prepare_storage_emulator([])
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
         server.make_bucket(bucket)

@@ -57,3 +57,14 @@ def test_overhead_measures_both_pipelines_over_the_same_records():
     assert len(result["seconds"]["beam_only"]) == len(result["seconds"]["beam_infer"]) == 1
     assert result["rows_written"] == {"beam_only": [300], "beam_infer": [300]}  # every run wrote every record
     assert result["beam_us_per_record"] > 0 and isinstance(result["beam_infer_extra_us_per_record"], float)
+
+
+def test_remote_fetch_reads_every_object_at_both_latencies_and_beside_fileio(monkeypatch):
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
+    result = bench.main(["--scenario", "remote-fetch", "--items", "40", "--slow-items", "6", "--latency-ms", "20"])
+    rows = [(c["name"], c["latency_ms"], c["records"]) for c in result["competitors"]]
+    assert rows == [("beam_infer", 0, 40), ("beam_infer", 20, 40), ("fileio", 20, 6)]
+    assert all(c["steady_records_per_s"] > 0 and c["peak_rss_mb"] > 0 for c in result["competitors"])
+    assert result["proxy_requests"] >= 2 * 40 + 6
+    assert [t["minimum"] for t in result["targets"]] == [0.8, 10.0]
+    assert "STORAGE_EMULATOR_HOST" not in os.environ  # the benchmark's emulator does not outlive it
