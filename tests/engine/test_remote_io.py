@@ -169,3 +169,23 @@ def test_a_uri_whose_client_cannot_be_had_is_a_fetch_dead_letter_not_a_lost_room
     finally:
         engine.release()
     assert len(results) == 9 and {r.failure.stage for r in results} == {"fetch"}
+
+
+def test_http_urls_are_read_through_the_event_loop_with_a_503_retried(gcs):
+    """fsspec's async http filesystem, through the fault proxy (the GCS server's media download URLs)."""
+    for i in range(4):
+        gcs.upload(f"in/{i}.bin", np.array([100.0 + i], dtype=np.float32).tobytes())
+    base = f"{gcs.proxy.url}/download/storage/v1/b/{gcs.bucket}/o/in%2F"
+    records = [{"id": f"n{i}", "uri": f"{base}{i}.bin?alt=media", "value": 100.0 + i} for i in range(4)]
+    records.append({"id": "gone", "uri": f"{base}gone.bin?alt=media", "value": 0.0})
+    gcs.proxy.configure(error_503=0.5, seed=0)  # seeded: the same draws, so the same 503s, in every run
+    engine = Engine(number_task(), dataclasses.replace(CONFIG, io_attempts=30)).retain()
+    try:
+        results = {r.record["id"]: r for r in run_all(engine, records)}
+        _, _, counts = engine.take_stats()
+    finally:
+        engine.release()
+    assert {rid: r.value["doubled"] for rid, r in results.items() if rid != "gone"} == {
+        f"n{i}": 2 * (100.0 + i) for i in range(4)}
+    assert results["gone"].failure.stage == "fetch" and "HTTP 404" in results["gone"].failure.message
+    assert counts["fetch_retries"] >= 1 and counts["fetch_failures"] == 1
