@@ -158,9 +158,12 @@ class Summary:
             "records/s end to end",
             f"model {model}, batch {config.batch_size}, device {config.device}, dtype {config.dtype}; "
             f"engines (model copies) built: {self.get('engines')}",
-            f"busy time per stage (summed over threads): {busy}",
+            f"busy time per stage (summed over threads; for remote reads and writes, over requests in flight): {busy}",
             f"batches: {self.get('batches')} (mean size {self.mean_batch_size:.1f})",
         ]
+        io = {name: self.get(name) for name in ("fetch_retries", "fetch_failures", "put_retries", "put_failures")}
+        if any(io.values()):
+            lines.append("remote I/O: " + ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in io.items()))
         if self.get("labelled"):
             lines.append(f"top-1 accuracy: {self.get('top1_correct') / self.get('labelled'):.2%} over "
                          f"{self.get('labelled')} labelled records")
