@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 
 from apache_beam.options.pipeline_options import DebugOptions, GoogleCloudOptions, PipelineOptions, WorkerOptions
@@ -76,7 +77,7 @@ def dataflow_args(args: argparse.Namespace, beam_args: Sequence[str]) -> list[st
         if given := [name for name, value in flags.items() if value is not None]:
             raise ValueError(f"{', '.join(given)}: Dataflow options, but --runner is {args.runner}")
         return list(beam_args)
-    _check_paths(args.input, args.output)
+    _check_paths(args.input, args.output, getattr(args, "weights", None))
     if args.gpu_type is None and (args.gpu_count is not None or args.sdk_processes is not None):
         raise ValueError("--gpu-count and --sdk-processes need --gpu-type")
     options = PipelineOptions(list(beam_args))
@@ -100,12 +101,15 @@ def dataflow_args(args: argparse.Namespace, beam_args: Sequence[str]) -> list[st
     return list(beam_args) + [a for a in added if a.removeprefix("--experiments=") not in experiments]
 
 
-def _check_paths(source: str | None, output: str) -> None:
+def _check_paths(source: str | None, output: str, weights: str | None = None) -> None:
     if source is None:
         raise ValueError("--input is required on Dataflow: the built-in sample is written to a local temp "
                          "directory that the workers cannot read")
-    for flag, path in (("--input", source), ("--output", output)):
-        if "://" not in path:
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        raise ValueError("STORAGE_EMULATOR_HOST is set: gs:// would go to a local emulator the Dataflow service "
+                         "and its workers cannot reach; unset it")
+    for flag, path in (("--input", source), ("--output", output), ("--weights", weights)):
+        if path is not None and "://" not in path:
             raise ValueError(f"{flag} {path!r} is a local path; Dataflow workers need a URL such as gs://…")
 
 

@@ -101,6 +101,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if args.image_size is not None and args.image_size < 1:
         parser.error(f"--image-size must be at least 1, got {args.image_size}")
     args.model = args.model or DEFAULT_MODELS[args.task]
+    if is_local(args.output):  # "--output=~/out" reaches us unexpanded; Beam's file sinks do not expand it
+        args.output = os.path.expanduser(args.output)
     return args, beam_args
 
 

@@ -50,6 +50,7 @@ _STOP = object()  # sent down the stage queues to end the threads
 DEVICE_THREADS = ("beam_infer-batch", "beam_infer-forward", "beam_infer-unload")  # the threads that use the device
 _WAKE = object()  # makes the batch thread look again at a draining bundle
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds a preprocess may return: bool, int, uint, float
+_REMOTE_JOIN_MIN_S = 0.5  # remote I/O's thread gets this long to end even when the stop's deadline has passed
 
 
 @dataclass
@@ -148,7 +149,7 @@ class Run:
         stuck += [t.name for t in self._threads if t.is_alive()]
         if self._post_pool is not None:
             stuck += self._post_pool.stop(cancel=False, deadline=deadline)
-        if io is not None and not io.join(max(0.0, deadline - time.monotonic())):
+        if io is not None and not io.join(max(_REMOTE_JOIN_MIN_S, deadline - time.monotonic())):
             stuck.append("beam_infer-remote")
         return stuck
 
@@ -188,8 +189,15 @@ class Run:
                 self._remote_io().read(uri, functools.partial(self._fetched, item))
             else:
                 self._fetch_pool.submit(self._fetch, item, False)
-        except Exception as e:  # noqa: BLE001 - no client for the URI: the record's failure (it has taken a room)
-            self._record_failed_upstream(item, "fetch", e)
+        except EngineError:  # stopping: the bundle fails, the record never entered
+            self._left.add()
+            self._room.put(None)
+            raise
+        except Exception as e:  # noqa: BLE001 - remote I/O could not start: the run's failure, not the record's
+            self._left.add()
+            self._room.put(None)
+            self.fail(e, "fetch")
+            self.health.raise_if_failed()
 
     def _remote_io(self) -> remote.RemoteIO:
         """The run's remote I/O, started on first use (a job that reads and writes only local files has none).

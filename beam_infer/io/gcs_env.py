@@ -21,7 +21,7 @@ import sys
 EMULATOR_HOST = "STORAGE_EMULATOR_HOST"
 GCSFS_ZB_HNS = "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"
 # Imported by each SDK worker process at its start (Beam's --beam_plugin), where it skips the same look-up.
-BEAM_PLUGIN = __name__
+BEAM_PLUGIN = "beam_infer.io.gcs_emulator_plugin"
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,12 +32,14 @@ def prepare_storage_emulator(beam_args: list[str]) -> list[str]:
 
     Sets GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false unless it is set (also for gcsfs already imported: then the
     plain GCSFileSystem is registered for gs:// with fsspec), makes Beam's gs:// filesystem connect
-    anonymously at once in this process, and returns `beam_args` with `--beam_plugin=beam_infer.io.gcs_env`
-    (unless given), which does the same in every SDK worker process the runner starts.
+    anonymously at once in this process, and returns `beam_args` with
+    `--beam_plugin=beam_infer.io.gcs_emulator_plugin` (unless given), which does the same in every SDK worker
+    process the runner starts. Process-wide and for the process's life: Beam's credentials cache serves its
+    other Google clients too (BigQuery, Dataflow's API), which then connect anonymously as well.
     """
     if not os.environ.get(EMULATOR_HOST):
         return list(beam_args)
-    _prepare_process()
+    prepare_process()
     from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
     if BEAM_PLUGIN in (PipelineOptions(beam_args).view_as(SetupOptions).beam_plugins or []):
@@ -63,10 +65,19 @@ def storage_options(url: str) -> dict[str, str]:
     return gcsfs_storage_options() if url.startswith(("gs://", "gcs://")) else {}
 
 
-def _prepare_process() -> None:
-    os.environ.setdefault(GCSFS_ZB_HNS, "false")
-    _register_plain_gcsfs()
+def prepare_process() -> None:
+    """This process, for the emulator: gcsfs (prepare_gcsfs) and Beam's gs:// filesystem
+    (skip_beam_credential_lookup)."""
+    prepare_gcsfs()
     skip_beam_credential_lookup()
+
+
+def prepare_gcsfs() -> None:
+    """With STORAGE_EMULATOR_HOST set, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (unless set) and gcsfs's plain
+    filesystem for gs://; nothing otherwise."""
+    if os.environ.get(EMULATOR_HOST):
+        os.environ.setdefault(GCSFS_ZB_HNS, "false")
+        _register_plain_gcsfs()
 
 
 def skip_beam_credential_lookup() -> None:
@@ -102,7 +113,3 @@ def _register_plain_gcsfs() -> None:
     for protocol in ("gs", "gcs"):
         if fsspec.get_filesystem_class(protocol) is not GCSFileSystem:
             fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
-
-
-if os.environ.get(EMULATOR_HOST):  # imported as a Beam plugin in a worker process: see prepare_storage_emulator
-    _prepare_process()

@@ -14,7 +14,8 @@ async-native and one thread holds them all. Per RemoteIO:
   (s3fs and botocore keep theirs: they run inside each attempt);
 - gs:// uses gcsfs's core filesystem, not its experimental zonal/HNS one: single-request uploads (an object is
   complete under its name or absent) and no storage-layout gRPC call per bucket;
-- each filesystem gets a connection pool as large as the two directions' concurrency (aiohttp's default is 100).
+- each filesystem gets a connection pool as large as the two directions' concurrency (aiohttp's default is 100,
+  aiobotocore's 10).
 
 Filesystems without an async implementation (memory://, local files) are not served here: `serves` says which.
 """
@@ -34,7 +35,7 @@ from typing import Any
 import aiohttp
 import fsspec
 
-from beam_infer.io.gcs_env import gcsfs_storage_options, prepare_storage_emulator
+from beam_infer.io.gcs_env import gcsfs_storage_options, prepare_gcsfs
 
 _LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def serves(uri: str) -> bool:
     protocol = uri.partition("://")[0]
     known = _ASYNC_PROTOCOLS.get(protocol)
     if known is None:
-        prepare_storage_emulator([])  # before gcsfs is imported
+        prepare_gcsfs()  # before gcsfs is imported
         try:
             known = bool(getattr(fsspec.get_filesystem_class(protocol), "async_impl", False))
         except (ValueError, ImportError):  # unknown protocol, or its package missing: the thread pool reports it
@@ -147,11 +148,11 @@ def _gcs_filesystem_class() -> type:
     return OneTryGCSFileSystem
 
 
-def open_async_filesystem(protocol: str, connector: aiohttp.BaseConnector) -> Any:
+def open_async_filesystem(protocol: str, connector: aiohttp.BaseConnector, connections: int) -> Any:
     """A fresh async fsspec filesystem for `protocol` (not fsspec's shared instance, which has its own loop): its
-    session is made on first use, in the loop that uses it, over `connector`. For gs:// under
-    STORAGE_EMULATOR_HOST, anonymous: an emulator takes no credentials, and looking for them waits on the
-    metadata server. Blocking (credential look-ups): call it off the event loop."""
+    session is made on first use, in the loop that uses it, over `connector` (s3fs: a pool of `connections`).
+    For gs:// under STORAGE_EMULATOR_HOST, anonymous: an emulator takes no credentials, and looking for them
+    waits on the metadata server. Blocking (credential look-ups): call it off the event loop."""
     options: dict[str, Any] = {}
     if protocol in ("gs", "gcs"):
         cls = _gcs_filesystem_class()
@@ -160,6 +161,8 @@ def open_async_filesystem(protocol: str, connector: aiohttp.BaseConnector) -> An
         cls = fsspec.get_filesystem_class(protocol)
         if protocol in ("http", "https"):
             options["client_kwargs"] = {"connector": connector}
+        elif protocol in ("s3", "s3a"):
+            options["config_kwargs"] = {"max_pool_connections": connections}
     return cls(asynchronous=True, skip_instance_cache=True, **options)
 
 
@@ -195,8 +198,13 @@ class RemoteIO:
         self._byte_room = asyncio.Event()
         self._byte_room.set()
         self._opening = asyncio.Lock()  # one filesystem construction at a time
-        self._thread = threading.Thread(target=self._loop.run_forever, name="beam_infer-remote", daemon=True)
-        self._thread.start()
+        self._shutting_down: asyncio.Task | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="beam_infer-remote", daemon=True)
+        try:
+            self._thread.start()
+        except BaseException:
+            self._loop.close()
+            raise
 
     # ---- any thread ------------------------------------------------------------------------------------
 
@@ -227,13 +235,10 @@ class RemoteIO:
         self._soon(self._start_shutdown, force=True)
 
     def join(self, timeout_s: float) -> bool:
-        """Waits up to `timeout_s` for the loop's thread to end after begin_close. Returns whether it ended."""
+        """Waits up to `timeout_s` for the loop's thread to end after begin_close (the thread closes the loop
+        when it ends, also later). Returns whether it ended."""
         self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            return False
-        if not self._loop.is_closed():
-            self._loop.close()
-        return True
+        return not self._thread.is_alive()
 
     def close(self, timeout_s: float) -> bool:
         """begin_close, then join."""
@@ -250,6 +255,12 @@ class RemoteIO:
 
     # ---- the loop's thread -----------------------------------------------------------------------------
 
+    def _run_loop(self) -> None:
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()  # shuts its default executor down without waiting for a stuck construction
+
     def _start(self, request: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         if self._closed:
             return
@@ -258,7 +269,7 @@ class RemoteIO:
         task.add_done_callback(self._tasks.discard)
 
     def _start_shutdown(self) -> None:
-        self._loop.create_task(self._shutdown())
+        self._shutting_down = self._loop.create_task(self._shutdown())  # a reference: the loop's is weak
 
     async def _read(self, uri: str, done: Callable[[bytes | None, BaseException | None], None]) -> None:
         try:
@@ -299,7 +310,7 @@ class RemoteIO:
         t0 = time.perf_counter()
         try:
             try:
-                fs = await self._filesystem(uri.partition("://")[0])
+                fs = await asyncio.wait_for(self._filesystem(uri.partition("://")[0]), self._retry.timeout_s)
             except Exception as e:  # noqa: BLE001 - no client, so no request: the record's failure
                 self._count(f"{stage}_failures", 1)
                 raise RemoteIOError(f"{verb} {uri} failed: no client for it ({type(e).__name__}: {e})") from e
@@ -330,10 +341,10 @@ class RemoteIO:
                     connector = aiohttp.TCPConnector(limit=self._connections)
                     self._connectors.append(connector)
                     try:
-                        fs = await asyncio.to_thread(open_async_filesystem, protocol, connector)
+                        fs = await asyncio.to_thread(open_async_filesystem, protocol, connector, self._connections)
                     except Exception as e:  # noqa: BLE001 - kept, so each request fails fast with it
                         fs = e
-                    self._filesystems[protocol] = fs
+                    self._filesystems[protocol] = fs  # a construction that timed out is not kept: tried again
         if isinstance(fs, Exception):
             raise fs
         return fs
@@ -348,9 +359,11 @@ class RemoteIO:
                 session = getattr(fs, "_session", None)  # gcsfs's and fsspec http's aiohttp session
                 if session is not None and not session.closed:
                     await session.close()
+                s3 = getattr(fs, "_s3", None)  # s3fs's aiobotocore client
+                if s3 is not None:
+                    await s3.close()
             for connector in self._connectors:
                 await connector.close()
-            await self._loop.shutdown_default_executor()
         except Exception as e:  # noqa: BLE001 - a session that fails to close is not worth failing a stop for
             _LOG.warning("beam_infer: closing remote I/O: %r", e)
         finally:

@@ -47,8 +47,10 @@ class WithWeights:
 
         model = self.load_model()
         state = torch.load(io.BytesIO(fetch_bytes(self.uri)), map_location="cpu", weights_only=True)
-        target = model  # the task's adapters (uint8 input, top-k) hold the named model as `.model`
-        while set(target.state_dict()) != set(state) and isinstance(getattr(target, "model", None), nn.Module):
+        state = {key.removeprefix("_orig_mod."): value for key, value in state.items()}  # saved after compile
+        target = model  # beam_infer's adapters (uint8 input, top-k) hold the named model as `.model`
+        while (type(target).__module__.startswith("beam_infer.") and set(target.state_dict()) != set(state)
+               and isinstance(getattr(target, "model", None), nn.Module)):
             target = target.model
         target.load_state_dict(state)  # strict: a checkpoint of another model names its missing keys
         return model

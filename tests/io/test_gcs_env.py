@@ -3,6 +3,8 @@
 import importlib
 import os
 import socket
+import subprocess
+import sys
 
 import apache_beam as beam
 import pyarrow as pa
@@ -147,10 +149,22 @@ def test_beam_looks_up_credentials_without_it(gcs, beam_credentials, credential_
 
 @pytest.mark.timeout(30)
 def test_importing_the_module_as_a_worker_plugin_skips_the_lookup_there(monkeypatch, beam_credentials):
-    """What an SDK worker does with --beam_plugin=beam_infer.io.gcs_env: import it, with the launcher's
-    environment."""
+    """What an SDK worker does with --beam_plugin=beam_infer.io.gcs_emulator_plugin: import it, with the
+    launcher's environment."""
+    from beam_infer.io import gcs_emulator_plugin
+
     monkeypatch.setenv(gcs_env.EMULATOR_HOST, "http://127.0.0.1:9")
     _unset(monkeypatch, gcs_env.GCSFS_ZB_HNS)
-    importlib.reload(gcs_env)
+    importlib.reload(gcs_emulator_plugin)
     assert beam_credentials._credentials_init and beam_credentials._credentials is None
     assert os.environ[gcs_env.GCSFS_ZB_HNS] == "false"
+
+
+@pytest.mark.timeout(60)
+def test_importing_beam_infer_changes_no_credentials_even_with_the_emulator_variable_set():
+    env = {**os.environ, gcs_env.EMULATOR_HOST: "http://127.0.0.1:9"}
+    env.pop(gcs_env.GCSFS_ZB_HNS, None)
+    code = ("import os, beam_infer, beam_infer.io.remote; from apache_beam.internal.gcp import auth; "
+            "print(auth._Credentials._credentials_init, os.environ.get('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=50)
+    assert proc.stdout.split() == ["False", "None"], proc.stderr[-2000:]

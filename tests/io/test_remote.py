@@ -234,3 +234,21 @@ def test_a_loop_blocked_by_a_synchronous_call_still_ends_once_it_returns(script,
     c.read("flaky://b/x")
     c.io.begin_close()  # returns at once
     assert c.io.join(10)
+
+
+def test_a_client_that_takes_too_long_to_build_fails_the_request_and_does_not_hold_up_close(script, client,
+                                                                                          monkeypatch):
+    built = threading.Event()
+
+    def slow_credentials(*args):
+        built.wait(5)  # a credential look-up waiting on an unreachable metadata server
+        raise AssertionError("not reached in time")
+    monkeypatch.setattr(remote, "open_async_filesystem", slow_credentials)
+    c = client(retry=RetryPolicy(attempts=2, backoff_s=0.001, timeout_s=0.3))
+    c.read("flaky://b/x")
+    c.wait()
+    failure = c.results["flaky://b/x"][1]
+    assert isinstance(failure, RemoteIOError) and "no client" in str(failure)
+    assert c.counts == {"fetch_failures": 1}
+    assert c.io.close(2), "closing does not wait for the construction still running in its thread"
+    built.set()

@@ -122,11 +122,18 @@ def test_sdk_container_image_given_to_beam_directly_serves_the_gpu_job(monkeypat
     ([*JOB, "--gpu-count", "2", "--worker-image", IMAGE], "need --gpu-type"),
     ([*JOB[:2], "--output", "gs://b/out", "--gpu-type", "nvidia-l4"], "--input is required on Dataflow"),
     ([*JOB, "--output", "local_dir"], "is a local path"),
+    ([*JOB, "--weights", "model.pt"], "--weights 'model.pt' is a local path"),
     (["--gpu-type", "nvidia-l4", "--worker-image", IMAGE], "--gpu-type, --worker-image: Dataflow options"),
 ])
 def test_inconsistent_dataflow_flags_fail_before_anything_runs(monkeypatch, argv, message):
     with pytest.raises(ValueError, match=message):
         assembled(monkeypatch, argv)
+
+
+def test_a_dataflow_job_refuses_a_storage_emulator_its_workers_cannot_reach(monkeypatch):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:4443")
+    with pytest.raises(ValueError, match="STORAGE_EMULATOR_HOST is set"):
+        assembled(monkeypatch, JOB)
 
 
 def test_an_unknown_gpu_runs_with_an_explicit_machine_type(monkeypatch):

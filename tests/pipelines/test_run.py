@@ -192,3 +192,9 @@ def test_each_task_gets_its_own_defaults_and_refuses_the_other_tasks_options(cap
         with pytest.raises(SystemExit):
             run.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_a_home_relative_output_is_expanded_for_the_rows_and_the_images_alike(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args, _ = run.parse_args(["--task", "img2img", "--output=~/out"])
+    assert args.output == str(tmp_path / "out") and run.images_dir(args.output) == str(tmp_path / "out" / "images")
