@@ -42,6 +42,7 @@ _LOG = logging.getLogger(__name__)
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _TRANSIENT_ERRORS = (TimeoutError, ConnectionError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 _TRANSIENT_ERRNOS = frozenset({errno.EBUSY, errno.EREMOTEIO})  # s3fs's translations of 503 SlowDown and of 500
+_CANCEL_WAIT_S = 2.0  # closing: how long cancelled requests, then each session, get to end
 _ASYNC_PROTOCOLS: dict[str, bool] = {}  # protocol -> whether fsspec has an async implementation for it
 
 
@@ -354,16 +355,20 @@ class RemoteIO:
             tasks = list(self._tasks)
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:  # bounded: a request that does not end on cancellation must not keep the loop alive
+                _, pending = await asyncio.wait(tasks, timeout=_CANCEL_WAIT_S)
+                if pending:
+                    _LOG.warning("beam_infer: %d remote request(s) did not end within %.1fs of being cancelled; "
+                                 "dropped with the loop", len(pending), _CANCEL_WAIT_S)
             for fs in self._filesystems.values():
                 session = getattr(fs, "_session", None)  # gcsfs's and fsspec http's aiohttp session
                 if session is not None and not session.closed:
-                    await session.close()
+                    await asyncio.wait_for(session.close(), _CANCEL_WAIT_S)
                 s3 = getattr(fs, "_s3", None)  # s3fs's aiobotocore client
                 if s3 is not None:
-                    await s3.close()
+                    await asyncio.wait_for(s3.close(), _CANCEL_WAIT_S)
             for connector in self._connectors:
-                await connector.close()
+                await asyncio.wait_for(connector.close(), _CANCEL_WAIT_S)
         except Exception as e:  # noqa: BLE001 - a session that fails to close is not worth failing a stop for
             _LOG.warning("beam_infer: closing remote I/O: %r", e)
         finally:
