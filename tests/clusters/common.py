@@ -8,6 +8,7 @@ message can quote the log's tail. Everything listens on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -159,74 +160,31 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-# The worker pool, bound to 127.0.0.1 (Beam's worker_pool_main binds every interface), starting SDK workers as
-# Beam's does: `python -c ...SdkHarness(...).run()` with the `python` found on PATH. One addition: before its
-# first worker, it checks that this `python` imports Beam's SDK harness, and otherwise answers StartWorker with
-# the error. Beam's stock pool starts a worker that dies at once, and the runner (ExternalEnvironmentFactory)
-# then waits for it to connect for ever: the job hangs. An error in StartWorkerResponse fails the task instead.
-_POOL_MAIN = """\
-import logging, subprocess, sys, time
-import grpc
-from apache_beam.portability.api import beam_fn_api_pb2, beam_fn_api_pb2_grpc
-from apache_beam.runners.worker.worker_pool_main import BeamFnExternalWorkerPoolServicer
-from apache_beam.utils import thread_pool_executor
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-
-class CheckedPool(BeamFnExternalWorkerPoolServicer):
-    checked = False
-
-    def StartWorker(self, request, context):
-        if not self.checked:
-            check = subprocess.run(["python", "-c", "import apache_beam.runners.worker.sdk_worker"],
-                                   capture_output=True, text=True)
-            if check.returncode != 0:
-                error = ("the worker pool's `python` cannot run Beam's SDK harness: "
-                         + (check.stderr.strip().splitlines() or ["exit status %d" % check.returncode])[-1])
-                logging.error(error)
-                return beam_fn_api_pb2.StartWorkerResponse(error=error)
-            CheckedPool.checked = True
-        return super().StartWorker(request, context)
-
-server = grpc.server(thread_pool_executor.shared_unbounded_instance())
-port = server.add_insecure_port("127.0.0.1:" + sys.argv[1])
-beam_fn_api_pb2_grpc.add_BeamFnExternalWorkerPoolServicer_to_server(
-    CheckedPool(use_process=True, data_buffer_time_limit_ms=-1), server)
-server.start()
-logging.info("worker pool listening on 127.0.0.1:%d", port)
-while True:
-    time.sleep(3600)
-"""
-
-# In a worker pool started with without_beam_infer=True, `import beam_infer` fails as it does where beam_infer is
-# not installed (this interpreter has it installed editable, so the package is shadowed on PYTHONPATH).
+# In a worker pool started with without_beam_infer=True, `import beam_infer` fails in the SDK workers as it does
+# where beam_infer is not installed (this interpreter has it installed editable, so the package is shadowed on the
+# workers' PYTHONPATH).
 _NO_BEAM_INFER = """\
 raise ModuleNotFoundError("No module named 'beam_infer'", name="beam_infer")
 """
 
 
 class WorkerPool:
-    """Beam's worker pool for `--environment_type=EXTERNAL --environment_config=<address>`.
+    """beam_infer's worker pool (`python -m beam_infer.worker_pool`) for `--environment_type=EXTERNAL
+    --environment_config=<address>`, on 127.0.0.1.
 
-    The pool starts one SDK worker process per runner environment it is asked for, running `python` from PATH;
-    here PATH starts with a folder whose `python` execs this interpreter (sys.executable) and PYTHONPATH holds the
-    repository root, so the workers import apache_beam, torch and beam_infer as the launcher does. With
-    `without_beam_infer=True` the workers' `import beam_infer` fails (ModuleNotFoundError), as on a worker host
-    where beam_infer is not installed. `worker_python_flags` go to the workers' interpreter (e.g. ("-S",): no
-    site-packages, so not even apache_beam imports, as where `python` on PATH is another environment).
+    The pool starts one SDK worker process per runner environment it is asked for, with a `python` script that
+    execs this interpreter (sys.executable) with PYTHONPATH holding the repository root, so the workers import
+    apache_beam, torch, beam_infer and the tests' models as the launcher does. With `without_beam_infer=True` the
+    workers' `import beam_infer` fails (ModuleNotFoundError), as on a worker host where beam_infer is not installed
+    (the pool itself imports it).
     """
 
     def __init__(self, processes: Processes, work_dir: str, name: str = "worker-pool",
-                 without_beam_infer: bool = False, worker_python_flags: tuple[str, ...] = (),
+                 without_beam_infer: bool = False,
                  port: int | None = None) -> None:
         self.processes = processes
         self.name = name
         self.port = port or free_port()
-        bin_dir = os.path.join(work_dir, f"{name}-bin")
-        os.makedirs(bin_dir, exist_ok=True)
-        python = os.path.join(bin_dir, "python")
-        with open(python, "w") as f:  # a script, not a symlink: a venv's python finds its pyvenv.cfg by its path
-            f.write(f'#!/bin/sh\nexec "{sys.executable}" {" ".join(worker_python_flags)} "$@"\n')
-        os.chmod(python, 0o755)
         pythonpath = [REPO_ROOT]
         if without_beam_infer:
             shadow = os.path.join(work_dir, f"{name}-shadow")
@@ -234,10 +192,16 @@ class WorkerPool:
             with open(os.path.join(shadow, "beam_infer", "__init__.py"), "w") as f:
                 f.write(_NO_BEAM_INFER)
             pythonpath.insert(0, shadow)
-        env = dict(os.environ, PATH=os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
-                   PYTHONPATH=os.pathsep.join(pythonpath), PYTHONUNBUFFERED="1")
+        python = os.path.join(work_dir, f"{name}-python")
+        with open(python, "w") as f:  # a script, not a symlink: a venv's python finds its pyvenv.cfg by its path
+            f.write(f'#!/bin/sh\nPYTHONPATH={shlex.quote(os.pathsep.join(pythonpath))} exec '
+                    f'{shlex.quote(sys.executable)} "$@"\n')
+        os.chmod(python, 0o755)
+        env = dict(os.environ, PYTHONPATH=REPO_ROOT, PYTHONUNBUFFERED="1")
         env.pop("PYTHONHOME", None)
-        self.proc = processes.start(name, [sys.executable, "-c", _POOL_MAIN, str(self.port)], env=env, cwd=work_dir)
+        self.proc = processes.start(name, [sys.executable, "-m", "beam_infer.worker_pool", "--host", HOST,
+                                           "--port", str(self.port), "--worker-python", python,
+                                           "--require", "tests.clusters.tasks"], env=env, cwd=work_dir)
 
     @property
     def address(self) -> str:

@@ -55,6 +55,6 @@ def test_worker_pool_runs_this_interpreter_and_lists_no_worker_before_a_job(tmp_
         assert pool.address == f"{HOST}:{pool.port}" and pool.sdk_worker_pids() == []
         with pytest.raises(LookupError):
             pool.kill_sdk_worker()
-        python = os.path.join(tmp_path, "worker-pool-bin", "python")
+        python = os.path.join(tmp_path, "worker-pool-python")
         out = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True)
         assert out.stdout.strip() == sys.prefix
