@@ -2,6 +2,7 @@
 
     naive        fetch → decode → to(device) → forward → cpu() → postprocess, one batch after another
     runinference Beam's RunInference with PytorchModelHandlerTensor on the same runner (decode in a Map on CPU)
+    spdl         the seed's own pipeline without Beam: SPDL's PipelineBuilder (benchmarks/spdl_competitor.py)
     beam_infer   `pipelines.run.run_job`, the code path of `python -m pipelines.run`
 
 Each returns a Run: records done, wall seconds (end to end, with Beam's start-up and the writes for the Beam
@@ -46,6 +47,7 @@ class Run:
     busy_s: dict[str, float] = field(default_factory=dict)
     batches: int | None = None  # forward passes, where the competitor reports them
     mean_batch_size: float | None = None
+    stages: dict[str, dict[str, float]] | None = None  # per-stage statistics of its own (spdl)
 
     @property
     def steady_seconds(self) -> float:
@@ -100,10 +102,12 @@ class _PutBlobs:
         self.fn = fn
 
     def __call__(self, *args) -> dict:
-        return _put(self.fn(*args))
+        return put_blobs(self.fn(*args))
 
 
-def _put(value: dict) -> dict:
+def put_blobs(value: dict) -> dict:
+    """Writes the Blobs among `value`'s fields, one after the other, each replaced by its URI (a shared helper of the
+    competitors that are not beam_infer)."""
     for key, blob in value.items():
         if isinstance(blob, Blob):
             if is_local_uri(blob.uri):
@@ -153,7 +157,7 @@ def naive(task: InferenceTask, config: EngineConfig, records: list[Record]) -> R
             outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
             host = step("d2h", _to_host, outs)
             values = step("postprocess", _postprocess_all, task, host, batch)
-            step("put", lambda vs: [_put(v) for v in vs], values)
+            step("put", lambda vs: [put_blobs(v) for v in vs], values)
             done += len(batch)
     end = time.perf_counter()
     return Run(done, end - start, start, end, dict(busy))

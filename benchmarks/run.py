@@ -1,7 +1,9 @@
-"""Benchmarks side by side, in one process and one run: the bounds, then naive, runinference and beam_infer.
+"""Benchmarks side by side, in one process and one run: the bounds, then naive, runinference, spdl and beam_infer
+(with --repeats N, N rounds of them in turn, each competitor's median run reported).
 
     python -m benchmarks.run --scenario classify-cpu-decode --device cuda --json results.json
     python -m benchmarks.run --scenario img2img --device cpu --items 16 --batch-size 4 --image-size 64
+    python -m benchmarks.run --scenario classify-cpu-decode --model one_pixel --competitors spdl,beam_infer --repeats 3
     python -m benchmarks.run --scenario remote-fetch --latency-ms 40    # gs:// reads: see benchmarks/remote_fetch.py
 
 Throughput is given twice: end to end (wall time, with Beam's start-up and the Parquet writes for the Beam
@@ -33,12 +35,12 @@ from beam_infer import EngineConfig
 from beam_infer.config import available_cores
 from beam_infer.engine import configure_process, load_on_device
 from beam_infer.io.fetch import fetch_bytes
-from benchmarks import bounds, competitors
+from benchmarks import bounds, competitors, spdl_competitor
 from benchmarks.data import dataset, read_records
 from benchmarks.monitor import Monitor, describe_device
 from benchmarks.scenarios import SCENARIOS, Scenario, classifier
 
-COMPETITORS = ("naive", "runinference", "beam_infer")
+COMPETITORS = ("naive", "runinference", "spdl", "beam_infer")
 REMOTE_FETCH = "remote-fetch"  # its own module: a GCS server, a latency proxy and other competitors
 _FORWARD_BATCHES_MAX = 20
 
@@ -52,6 +54,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int,
                         help="override the input images' width and height (small CPU smoke runs)")
     parser.add_argument("--competitors", default=",".join(COMPETITORS), help="comma-separated subset to run")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of spdl and beam_infer in turn (naive and runinference run in the first only); "
+                             "each competitor's median run (by steady records/s) is reported, with every run's "
+                             "figure (default: %(default)s)")
     parser.add_argument("--slow-items", type=int,
                         help="run naive and runinference on only this many of the records (they are slow; "
                              "their records/s stay comparable); default: all")
@@ -124,7 +130,42 @@ def run_competitor(name: str, scenario: Scenario, config: EngineConfig, manifest
         return competitors.naive(scenario.task(output), config, read_records(manifest))
     if name == "runinference":  # RunInference's handlers take stackable tensors: it decodes on the CPU
         return competitors.runinference(scenario.task(output, decode="cpu"), config, manifest, output)
+    if name == "spdl":
+        return spdl_competitor.spdl(scenario.task(output), config, read_records(manifest))
     return competitors.beam_infer(scenario.task(output), config, manifest, output)
+
+
+def measure(name: str, scenario: Scenario, config: EngineConfig, manifest: str, output: str,
+            device: torch.device, bound: float) -> dict[str, Any]:
+    """One run of competitor `name`, as a result row."""
+    os.makedirs(output)
+    try:
+        with Monitor(device) as monitor:
+            run = run_competitor(name, scenario, config, manifest, output)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    usage = monitor.usage_between(run.steady_start, run.steady_end)
+    steady = run.records / run.steady_seconds if run.steady_seconds > 0 else 0.0
+    row = {
+        "name": name, "records": run.records, "seconds": round(run.seconds, 3),
+        "records_per_s": round(run.records / run.seconds, 1),
+        "steady_records_per_s": round(steady, 1), "ratio_to_bound": round(steady / bound, 3),
+        "gpu_util_pct": None if usage.gpu_util_pct is None else round(usage.gpu_util_pct, 1),
+        "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
+        "batches": run.batches, "mean_batch_size": run.mean_batch_size,
+        "peak_rss_mb": round(usage.peak_rss_mb), "rss_growth_mb": round(usage.rss_growth_mb),
+        "peak_gpu_mem_mb": None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
+    }
+    if run.stages is not None:
+        row["stages"] = {stage: {k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()}
+                         for stage, figures in run.stages.items()}
+    return row
+
+
+def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median steady records/s (the lower middle one of an even count), with every run's."""
+    ordered = sorted(rows, key=lambda r: r["steady_records_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "steady_runs": [r["steady_records_per_s"] for r in rows]}
 
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -149,26 +190,16 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         measured = measure_bounds(scenario, config, manifest, bound_dir)
         bound_name, bound = scenario.relevant_bound(measured)
         slow_manifest = first_records(manifest, args.slow_items, scratch)
-        rows = []
-        for name in args.competitors.split(","):
-            output = os.path.join(scratch, name)
-            os.makedirs(output)
-            with Monitor(device) as monitor:
-                run = run_competitor(name, scenario, config, manifest if name == "beam_infer" else slow_manifest,
-                                     output)
-            usage = monitor.usage_between(run.steady_start, run.steady_end)
-            steady = run.records / run.steady_seconds if run.steady_seconds > 0 else 0.0
-            rows.append({
-                "name": name, "records": run.records, "seconds": round(run.seconds, 3),
-                "records_per_s": round(run.records / run.seconds, 1),
-                "steady_records_per_s": round(steady, 1), "ratio_to_bound": round(steady / bound, 3),
-                "gpu_util_pct": None if usage.gpu_util_pct is None else round(usage.gpu_util_pct, 1),
-                "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
-                "batches": run.batches, "mean_batch_size": run.mean_batch_size,
-                "peak_rss_mb": round(usage.peak_rss_mb), "rss_growth_mb": round(usage.rss_growth_mb),
-                "peak_gpu_mem_mb": None if usage.peak_gpu_mem_mb is None else round(usage.peak_gpu_mem_mb),
-            })
-            shutil.rmtree(output, ignore_errors=True)
+        names = args.competitors.split(",")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for round_ in range(args.repeats):
+            for name in names:  # in turn, so that a slow phase of the machine does not fall on one competitor
+                fast = name in ("spdl", "beam_infer")
+                if round_ > 0 and not fast:
+                    continue  # naive and runinference are there for scale: once is enough
+                runs[name].append(measure(name, scenario, config, manifest if fast else slow_manifest,
+                                          os.path.join(scratch, f"{name}-{round_}"), device, bound))
+        rows = [median_run(runs[name]) for name in names]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     result = {
@@ -179,8 +210,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "gil_switch_interval_s": sys.getswitchinterval(),
         "dtype": str(config.torch_dtype(device)).removeprefix("torch."), "image": list(scenario.data),
         "torch": torch.__version__, "bounds": {k: round(v, 1) for k, v in measured.items()},
-        "bound": {"name": bound_name, "records_per_s": round(bound, 1)}, "competitors": rows,
+        "bound": {"name": bound_name, "records_per_s": round(bound, 1)}, "repeats": args.repeats,
+        "competitors": rows,
     }
+    if "spdl" in runs and "beam_infer" in runs:  # per round, then of the medians
+        result["beam_infer_over_spdl"] = {
+            "rounds": [round(b["steady_records_per_s"] / s["steady_records_per_s"], 3)
+                       for b, s in zip(runs["beam_infer"], runs["spdl"], strict=True)],
+            "medians": round(rows[names.index("beam_infer")]["steady_records_per_s"]
+                             / rows[names.index("spdl")]["steady_records_per_s"], 3)}
     if device.type == "cuda":
         result["targets"] = [target.check(result) for target in scenario.targets]
     return result
@@ -199,6 +237,10 @@ def render(result: dict[str, Any]) -> str:
         busy = " ".join(f"{k} {v:.2f}" for k, v in c["busy_s"].items()) or "-"
         lines.append(f"{c['name']:<13}{c['records']:>8}{c['records_per_s']:>11,.1f}{c['steady_records_per_s']:>14,.1f}"
                      f"{c['ratio_to_bound']:>9.3f}{util:>7}{c['peak_rss_mb']:>8}{gpu_mem:>8}  {busy}")
+    if "beam_infer_over_spdl" in result:
+        ratio = result["beam_infer_over_spdl"]
+        lines.append(f"beam_infer / spdl, steady records/s: {ratio['medians']:.3f} (medians); per round: "
+                     + ", ".join(f"{r:.3f}" for r in ratio["rounds"]))
     for t in result.get("targets", []):
         value = "n/a" if t["value"] is None else f"{t['value']:,.2f}"
         lines.append(f"target {t['target']} >= {t['minimum']:,}: {value} ({'met' if t['met'] else 'MISSED'})")

@@ -20,13 +20,20 @@ def _cache_in_tmp(tmp_path_factory, monkeypatch):
 
 
 def _check(result, items):
-    assert [c["name"] for c in result["competitors"]] == ["naive", "runinference", "beam_infer"]
-    assert [c["records"] for c in result["competitors"]] == [items] * 3
+    assert [c["name"] for c in result["competitors"]] == ["naive", "runinference", "spdl", "beam_infer"]
+    assert [c["records"] for c in result["competitors"]] == [items] * 4
     for c in result["competitors"]:
         assert c["records_per_s"] > 0 and c["steady_records_per_s"] > 0 and c["ratio_to_bound"] > 0
         assert c["peak_rss_mb"] > 0 and c["gpu_util_pct"] is None and c["peak_gpu_mem_mb"] is None  # no GPU
     assert all(v > 0 for v in result["bounds"].values())
     assert result["bound"]["name"] in result["bounds"] or result["bound"]["name"] == "decode_and_forward"
+    spdl = result["competitors"][2]  # SPDL's own stats of every stage: each ran, none failed
+    stages = spdl["stages"]
+    assert {"load", "collate", "h2d", "forward", "d2h", "postprocess"} <= set(stages), stages
+    assert stages["load"]["tasks"] == items and stages["load"]["failures"] == 0
+    assert stages["forward"]["tasks"] == spdl["batches"] > 0 and spdl["busy_s"]["forward"] > 0
+    assert 0 <= stages["collate"]["queue_occupancy"] <= 1
+    assert result["beam_infer_over_spdl"]["medians"] > 0
 
 
 @pytest.mark.parametrize("scenario, bounds", [
@@ -37,7 +44,7 @@ def test_classify_scenarios_run_every_competitor_on_every_record(scenario, bound
     result = bench.main(["--scenario", scenario, "--device", "cpu", "--items", "12", "--batch-size", "4"])
     _check(result, 12)
     assert set(result["bounds"]) == bounds
-    assert result["competitors"][2]["busy_s"]["forward"] > 0  # beam_infer's stage times come from its metrics
+    assert result["competitors"][3]["busy_s"]["forward"] > 0  # beam_infer's stage times come from its metrics
 
 
 def test_img2img_from_the_command_line_writes_the_json_with_every_competitor(tmp_path):
@@ -52,6 +59,17 @@ def test_img2img_from_the_command_line_writes_the_json_with_every_competitor(tmp
     assert {"device", "date", "commit", "scenario"} <= set(result) and result["scenario"] == "img2img"
 
 
+def test_repeats_run_the_competitors_in_turn_and_report_each_ones_median_run():
+    result = bench.main(["--scenario", "classify-cpu-decode", "--model", "one_pixel", "--device", "cpu",
+                         "--items", "8", "--batch-size", "4", "--image-size", "32", "--competitors", "spdl,beam_infer",
+                         "--repeats", "3"])
+    assert result["repeats"] == 3 and [c["name"] for c in result["competitors"]] == ["spdl", "beam_infer"]
+    for c in result["competitors"]:
+        runs = c["steady_runs"]
+        assert len(runs) == 3 and c["records"] == 8 and c["steady_records_per_s"] == sorted(runs)[1]
+    assert len(result["beam_infer_over_spdl"]["rounds"]) == 3
+
+
 def test_overhead_measures_both_pipelines_over_the_same_records():
     result = overhead.main(["--items", "300", "--repeats", "1"])
     assert len(result["seconds"]["beam_only"]) == len(result["seconds"]["beam_infer"]) == 1
@@ -59,12 +77,12 @@ def test_overhead_measures_both_pipelines_over_the_same_records():
     assert result["beam_us_per_record"] > 0 and isinstance(result["beam_infer_extra_us_per_record"], float)
 
 
-def test_remote_fetch_reads_every_object_at_both_latencies_and_beside_fileio(monkeypatch):
+def test_remote_fetch_reads_every_object_at_both_latencies_and_beside_spdl_and_fileio(monkeypatch):
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     result = bench.main(["--scenario", "remote-fetch", "--items", "40", "--slow-items", "6", "--latency-ms", "20"])
     rows = [(c["name"], c["latency_ms"], c["records"]) for c in result["competitors"]]
-    assert rows == [("beam_infer", 0, 40), ("beam_infer", 20, 40), ("fileio", 20, 6)]
+    assert rows == [("beam_infer", 0, 40), ("beam_infer", 20, 40), ("spdl", 20, 40), ("fileio", 20, 6)]
     assert all(c["steady_records_per_s"] > 0 and c["peak_rss_mb"] > 0 for c in result["competitors"])
-    assert result["proxy_requests"] >= 2 * 40 + 6
-    assert [t["minimum"] for t in result["targets"]] == [0.8, 10.0]
+    assert result["proxy_requests"] >= 3 * 40 + 6
+    assert [t["minimum"] for t in result["targets"]] == [0.8, 10.0, 0.95]
     assert "STORAGE_EMULATOR_HOST" not in os.environ  # the benchmark's emulator does not outlive it

@@ -213,8 +213,9 @@ class WorkerPool:
             raise RuntimeError(f"the worker pool did not start on {self.address}\n{self.processes.tail(self.name)}")
 
     def sdk_worker_pids(self) -> list[int]:
-        """The live SDK worker processes the pool has started (its children)."""
-        return children(self.proc.pid)
+        """The live SDK worker processes the pool has started (its children running Beam's SDK harness; not the
+        pool's import check)."""
+        return [pid for pid in children(self.proc.pid) if b"SdkHarness" in _cmdline(pid)]
 
     def kill_sdk_worker(self, pid: int | None = None) -> int:
         """SIGKILLs SDK worker `pid` (default: the one using the most CPU time, i.e. running bundles); returns its pid.
@@ -232,6 +233,14 @@ class WorkerPool:
 
     def log_tail(self, lines: int = 40) -> str:
         return self.processes.tail(self.name, lines)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def cpu_ticks(pid: int) -> int:

@@ -166,8 +166,8 @@ def test_a_job_whose_workers_keep_dying_fails_with_a_clear_error(cluster, marks,
 
 
 def test_a_worker_pool_whose_python_lacks_beam_infer_fails_the_job_naming_it(cluster, manifest, tmp_path):  # noqa: F811
-    """beam_infer's worker pool answers StartWorker with the import error (Beam's stock pool would start a worker
-    that dies at once, and Flink would wait for it to connect for ever)."""
+    """beam_infer's worker pool answers StartWorker with the import error at once (with Beam's stock pool the
+    worker starts and fails the bundles, and the job fails only after Flink's restarts)."""
     pool = WorkerPool(cluster.processes, cluster.work_dir, name="pool-without-beam-infer", without_beam_infer=True)
     pool.wait_ready()
     start = time.monotonic()

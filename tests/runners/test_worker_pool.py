@@ -51,9 +51,13 @@ def start_pool(tmp_path):
         return pool, beam_fn_api_pb2_grpc.BeamFnExternalWorkerPoolStub(channel), tmp_path / f"pool-{port}.log"
 
     yield start
-    for pool in pools:
-        pool.kill()
-        pool.wait()
+    for pool in pools:  # SIGTERM first, so that a pool stops the workers it started even when a test failed
+        pool.terminate()
+        try:
+            pool.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pool.kill()
+            pool.wait()
 
 
 def start_request(worker_id: str) -> beam_fn_api_pb2.StartWorkerRequest:
@@ -61,17 +65,27 @@ def start_request(worker_id: str) -> beam_fn_api_pb2.StartWorkerRequest:
         worker_id=worker_id, control_endpoint=endpoints_pb2.ApiServiceDescriptor(url="127.0.0.1:9"))
 
 
-def test_a_pool_whose_workers_cannot_import_beam_infer_answers_start_worker_with_the_module_name(
-        start_pool, tmp_path):
-    shadow = tmp_path / "shadow" / "beam_infer"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'beam_infer'\")\n")
-    python = shim(tmp_path / "python", f"export PYTHONPATH={shlex.quote(str(shadow.parent))}")
+@pytest.mark.parametrize("lacks", ["beam_infer", "apache_beam"])
+def test_a_pool_whose_workers_cannot_import_a_module_says_so_at_start_up_and_to_each_start_worker(
+        start_pool, tmp_path, lacks):
+    if lacks == "beam_infer":  # shadowed: as where beam_infer is not installed
+        shadow = tmp_path / "shadow" / "beam_infer"
+        shadow.mkdir(parents=True)
+        (shadow / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'beam_infer'\")\n")
+        python = shim(tmp_path / "python", f"export PYTHONPATH={shlex.quote(str(shadow.parent))}")
+    else:  # no site-packages: another environment, where Beam's own pool would start a worker that dies at once
+        python = str(tmp_path / "python")
+        (tmp_path / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -S "$@"\n')
+        (tmp_path / "python").chmod(0o755)
     pool, stub, log = start_pool(python)
+    deadline = time.monotonic() + 60
+    while "every StartWorker fails until it can" not in log.read_text():  # the start-up check, before any job
+        assert time.monotonic() < deadline and pool.poll() is None, log.read_text()
+        time.sleep(0.1)
+    assert f"No module named '{lacks}'" in log.read_text()
     response = stub.StartWorker(start_request("w1"), timeout=60)
-    assert "No module named 'beam_infer'" in response.error and python in response.error
+    assert f"No module named '{lacks}'" in response.error and python in response.error
     assert children(pool.pid) == []  # no worker was started
-    assert "No module named 'beam_infer'" in log.read_text()  # said at start-up, where the deployer looks
 
 
 def test_a_pool_starts_each_worker_with_its_interpreter_and_stops_it_on_request_and_on_sigterm(
