@@ -141,7 +141,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 if name == "beam_infer":
                     run = competitors.beam_infer(task, config, manifest, output)
                 elif name == "spdl":
-                    run = spdl_competitor.spdl(task, config, records)
+                    run = spdl_competitor.spdl(task, config, records, output)
                 else:
                     run = fileio_read(f"gs://{slow_bucket}/images/*", task.preprocess)
             usage = monitor.usage_between(run.steady_start, run.steady_end)
@@ -149,7 +149,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"name": name, "latency_ms": latency, "records": run.records,
                          "seconds": round(run.seconds, 3), "records_per_s": round(run.records / run.seconds, 1),
                          "steady_records_per_s": round(steady, 1), "peak_rss_mb": round(usage.peak_rss_mb),
-                         "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()}})
+                         "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()},
+                         **({"stages": run.stages} if run.stages is not None else {})})
             shutil.rmtree(output, ignore_errors=True)
         requests = proxy.counts.get("requests")
     shutil.rmtree(scratch, ignore_errors=True)

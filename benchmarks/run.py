@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import itertools
 import json
 import logging
@@ -71,7 +72,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=int, default=40,
                         help="remote-fetch: the latency the proxy adds to every request (default: %(default)s)")
     parser.add_argument("--json", help="write the results here as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    unknown = set(args.competitors.split(",")) - set(COMPETITORS)
+    if unknown:
+        parser.error(f"unknown competitors {sorted(unknown)}: choose among {', '.join(COMPETITORS)}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args
 
 
 def git_commit() -> str:
@@ -131,13 +138,16 @@ def run_competitor(name: str, scenario: Scenario, config: EngineConfig, manifest
     if name == "runinference":  # RunInference's handlers take stackable tensors: it decodes on the CPU
         return competitors.runinference(scenario.task(output, decode="cpu"), config, manifest, output)
     if name == "spdl":
-        return spdl_competitor.spdl(scenario.task(output), config, read_records(manifest))
+        return spdl_competitor.spdl(scenario.task(output), config, read_records(manifest), output)
     return competitors.beam_infer(scenario.task(output), config, manifest, output)
 
 
 def measure(name: str, scenario: Scenario, config: EngineConfig, manifest: str, output: str,
             device: torch.device, bound: float) -> dict[str, Any]:
     """One run of competitor `name`, as a result row."""
+    gc.collect()  # what the competitor before left behind is not this one's to free
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     os.makedirs(output)
     try:
         with Monitor(device) as monitor:
@@ -160,6 +170,10 @@ def measure(name: str, scenario: Scenario, config: EngineConfig, manifest: str, 
         row["stages"] = {stage: {k: round(v, 6) if isinstance(v, float) else v for k, v in figures.items()}
                          for stage, figures in run.stages.items()}
     return row
+
+
+def _ratio(ours: float, theirs: float) -> float | None:
+    return round(ours / theirs, 3) if theirs else None
 
 
 def median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,7 +207,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         names = args.competitors.split(",")
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for round_ in range(args.repeats):
-            for name in names:  # in turn, so that a slow phase of the machine does not fall on one competitor
+            # in turn, the order reversed every other round, so that neither a slow phase of the machine nor
+            # coming first (the allocators still growing) falls on one competitor
+            for name in (names if round_ % 2 == 0 else names[::-1]):
                 fast = name in ("spdl", "beam_infer")
                 if round_ > 0 and not fast:
                     continue  # naive and runinference are there for scale: once is enough
@@ -215,10 +231,10 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "spdl" in runs and "beam_infer" in runs:  # per round, then of the medians
         result["beam_infer_over_spdl"] = {
-            "rounds": [round(b["steady_records_per_s"] / s["steady_records_per_s"], 3)
+            "rounds": [_ratio(b["steady_records_per_s"], s["steady_records_per_s"])
                        for b, s in zip(runs["beam_infer"], runs["spdl"], strict=True)],
-            "medians": round(rows[names.index("beam_infer")]["steady_records_per_s"]
-                             / rows[names.index("spdl")]["steady_records_per_s"], 3)}
+            "medians": _ratio(rows[names.index("beam_infer")]["steady_records_per_s"],
+                              rows[names.index("spdl")]["steady_records_per_s"])}
     if device.type == "cuda":
         result["targets"] = [target.check(result) for target in scenario.targets]
     return result
