@@ -44,6 +44,7 @@ from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
+from pipelines.validate import UsageError, check_job
 
 DEFAULT_CHUNK_SIZE = 64
 TASKS = ("classify", "img2img")
@@ -60,36 +61,42 @@ DEFAULT_MODELS = {"classify": DEFAULT_MODEL, "img2img": DEFAULT_IMG2IMG_MODEL}
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="classify", choices=TASKS,
-                        help="classify: top-k labels per image; img2img: an image per image, of the same size")
-    parser.add_argument("--input", help="a glob of images (local or fsspec URL) or a Parquet/CSV/JSONL manifest "
-                                        "with a 'uri' column; default: a generated sample")
-    parser.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files "
-                                                                      "(and img2img's images/)")
-    parser.add_argument("--model", help=f"classify: {DEFAULT_MODEL} (default), torchvision:<name> or module:function "
-                                        "returning an InferenceTask; img2img: unsharp (default), blur or "
-                                        "module:function returning a float NCHW model of images in [0, 1]")
-    parser.add_argument("--weights", help="a state_dict (torch.save) for the model, local or a URL such as "
-                                          "gs://bucket/model.pt; read with weights_only=True on each worker")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    parser.add_argument("--top-k", type=int, help="classify: labels kept per image (default 3)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                        help="records per Beam element from the read to the inference: Beam's per-element cost is "
-                             "paid once per chunk, and a chunk is what Reshuffle spreads over workers")
-    parser.add_argument("--decode", choices=DECODE_PLACES,
-                        help="classify: decode images on CPU threads (default; any format PIL reads) or on the "
-                             "device (nvJPEG on CUDA, JPEG only)")
-    parser.add_argument("--image-size", type=int,
-                        help="img2img: inputs (the sample's too) are resized to this square size, and the output "
-                             f"images have it (default {TASK_OPTIONS['img2img']['image_size']})")
-    parser.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
-    parser.add_argument("--max-dead-letters", type=int,
-                        help="fail the job when more records than this become dead letters (default: no limit)")
-    parser.add_argument("--max-dead-letter-fraction", type=float,
-                        help="fail the job when more than this fraction (0-1) of the records fail (default: no limit)")
-    parser.add_argument("--runner", default="DirectRunner")
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", help="a glob of images (local or fsspec URL) or a Parquet/CSV/JSONL manifest "
+                                       "with a 'uri' column; default: a generated sample")
+    group.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
+    group = parser.add_argument_group("model")
+    group.add_argument("--task", default="classify", choices=TASKS,
+                       help="classify: top-k labels per image; img2img: an image per image, of the same size")
+    group.add_argument("--model", help=f"classify: {DEFAULT_MODEL} (default), torchvision:<name> or module:function "
+                                       "returning an InferenceTask; img2img: unsharp (default), blur or "
+                                       "module:function returning a float NCHW model of images in [0, 1]")
+    group.add_argument("--weights", help="a state_dict (torch.save) for the model, local or a URL such as "
+                                         "gs://bucket/model.pt; read with weights_only=True on each worker")
+    group.add_argument("--top-k", type=int, help="classify: labels kept per image (default 3)")
+    group.add_argument("--decode", choices=DECODE_PLACES,
+                       help="classify: decode images on CPU threads (default; any format PIL reads) or on the "
+                            "device (nvJPEG on CUDA, JPEG only)")
+    group.add_argument("--image-size", type=int,
+                       help="img2img: inputs (the sample's too) are resized to this square size, and the output "
+                            f"images have it (default {TASK_OPTIONS['img2img']['image_size']})")
+    group = parser.add_argument_group("engine")
+    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    group.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                       help="records per Beam element from the read to the inference: Beam's per-element cost is "
+                            "paid once per chunk, and a chunk is what Reshuffle spreads over workers")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files "
+                                                                     "(and img2img's images/)")
+    group = parser.add_argument_group("failure budget")
+    group.add_argument("--max-dead-letters", type=int,
+                       help="fail the job when more records than this become dead letters (default: no limit)")
+    group.add_argument("--max-dead-letter-fraction", type=float,
+                       help="fail the job when more than this fraction (0-1) of the records fail (default: no limit)")
+    group = parser.add_argument_group("runner", "any other option is passed to Beam as a pipeline option")
+    group.add_argument("--runner", default="DirectRunner")
     add_dataflow_arguments(parser)
     args, beam_args = parser.parse_known_args(argv)
     for task, options in TASK_OPTIONS.items():
@@ -98,8 +105,6 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                 setattr(args, name, default)
             elif task != args.task and getattr(args, name) is not None:
                 parser.error(f"--{name.replace('_', '-')} is an option of --task {task}, not {args.task}")
-    if args.image_size is not None and args.image_size < 1:
-        parser.error(f"--image-size must be at least 1, got {args.image_size}")
     args.model = args.model or DEFAULT_MODELS[args.task]
     if is_local(args.output):  # "--output=~/out" reaches us unexpanded; Beam's file sinks do not expand it
         args.output = os.path.expanduser(args.output)
@@ -206,14 +211,39 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     return Summary(query_counters(result), time.perf_counter() - start)
 
 
+def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], InferenceTask]:
+    """The parsed options, Beam's options (Dataflow's assembled) and the task, once pipelines.validate and the
+    Dataflow checks found no mistake in them.
+
+    Raises:
+        UsageError: the first mistake, in one line.
+    """
+    args, beam_args = parse_args(argv)
+    check_job(args)
+    try:
+        task = job_task(args)
+    except ValueError as e:  # resolve_task's "unknown --model ..."
+        raise UsageError(str(e)) from e
+    except (ImportError, AttributeError) as e:  # module:function
+        raise UsageError(f"--model {args.model}: {e}") from e
+    beam_args = prepare_storage_emulator(beam_args)  # STORAGE_EMULATOR_HOST: no wait on Google credentials
+    try:
+        beam_args = dataflow_args(args, beam_args)
+    except ValueError as e:  # flags that do not go together on Dataflow
+        raise UsageError(str(e)) from e
+    return args, beam_args, task
+
+
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
-    args, beam_args = parse_args(argv)
-    beam_args = prepare_storage_emulator(beam_args)  # STORAGE_EMULATOR_HOST: no wait on Google credentials
-    options = PipelineOptions([f"--runner={args.runner}", *dataflow_args(args, beam_args)])
+    try:
+        args, beam_args, task = checked_job(argv)
+    except UsageError as e:
+        print(f"beam_infer: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     log_dataflow_job_id(args.runner)
     config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
-    task = job_task(args)
     sample_dir = None
     source = args.input
     if source is None:

@@ -1,6 +1,7 @@
 """The Dataflow options pipelines.run assembles, checked offline: no job is submitted and Google is never called."""
 
 import logging
+import re
 
 import pytest
 from apache_beam.options.pipeline_options import (
@@ -125,15 +126,22 @@ def test_sdk_container_image_given_to_beam_directly_serves_the_gpu_job(monkeypat
     ([*JOB, "--weights", "model.pt"], "--weights 'model.pt' is a local path"),
     (["--gpu-type", "nvidia-l4", "--worker-image", IMAGE], "--gpu-type, --worker-image: Dataflow options"),
 ])
-def test_inconsistent_dataflow_flags_fail_before_anything_runs(monkeypatch, argv, message):
-    with pytest.raises(ValueError, match=message):
+def test_inconsistent_dataflow_flags_fail_before_anything_runs(monkeypatch, capsys, argv, message):
+    refused(monkeypatch, capsys, argv, message)
+
+
+def refused(monkeypatch, capsys, argv, message):
+    """main(argv) exits with status 2 and `message` in its one line on stderr, before anything runs."""
+    with pytest.raises(SystemExit) as exit_:
         assembled(monkeypatch, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("beam_infer: error: ") and len(err.splitlines()) == 1, err
+    assert re.search(message, err), err
 
 
-def test_a_dataflow_job_refuses_a_storage_emulator_its_workers_cannot_reach(monkeypatch):
+def test_a_dataflow_job_refuses_a_storage_emulator_its_workers_cannot_reach(monkeypatch, capsys):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", "http://127.0.0.1:4443")
-    with pytest.raises(ValueError, match="STORAGE_EMULATOR_HOST is set"):
-        assembled(monkeypatch, JOB)
+    refused(monkeypatch, capsys, JOB, "STORAGE_EMULATOR_HOST is set")
 
 
 def test_an_unknown_gpu_runs_with_an_explicit_machine_type(monkeypatch):
