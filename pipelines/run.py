@@ -44,7 +44,7 @@ from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
-from pipelines.validate import UsageError, check_job
+from pipelines.validate import UsageError, check_job, check_model_name
 
 DEFAULT_CHUNK_SIZE = 64
 TASKS = ("classify", "img2img")
@@ -59,8 +59,17 @@ TASK_OPTIONS = {
 DEFAULT_MODELS = {"classify": DEFAULT_MODEL, "img2img": DEFAULT_IMG2IMG_MODEL}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors said as pipelines.validate says its own: one line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"beam_infer: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m pipelines.run", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
     group.add_argument("--input", help="a glob of images (local or fsspec URL) or a Parquet/CSV/JSONL manifest "
                                        "with a 'uri' column; default: a generated sample")
@@ -211,9 +220,9 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     return Summary(query_counters(result), time.perf_counter() - start)
 
 
-def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], InferenceTask]:
-    """The parsed options, Beam's options (Dataflow's assembled) and the task, once pipelines.validate and the
-    Dataflow checks found no mistake in them.
+def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str], InferenceTask, EngineConfig]:
+    """The parsed options, Beam's options (Dataflow's assembled), the task and the engine's config, once
+    pipelines.validate and the Dataflow checks found no mistake in them.
 
     Raises:
         UsageError: the first mistake, in one line.
@@ -221,29 +230,33 @@ def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     args, beam_args = parse_args(argv)
     check_job(args)
     try:
-        task = job_task(args)
-    except ValueError as e:  # resolve_task's "unknown --model ..."
+        config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    except ValueError as e:
         raise UsageError(str(e)) from e
-    except (ImportError, AttributeError) as e:  # module:function
-        raise UsageError(f"--model {args.model}: {e}") from e
     beam_args = prepare_storage_emulator(beam_args)  # STORAGE_EMULATOR_HOST: no wait on Google credentials
     try:
         beam_args = dataflow_args(args, beam_args)
     except ValueError as e:  # flags that do not go together on Dataflow
         raise UsageError(str(e)) from e
-    return args, beam_args, task
+    check_model_name(args.model)
+    try:
+        task = job_task(args)
+    except ValueError as e:
+        if ":" in args.model and not args.model.startswith("torchvision:"):
+            raise  # from the user's own module:function: its traceback is what they need
+        raise UsageError(str(e)) from e  # "unknown --model ...", said by the resolvers
+    return args, beam_args, task, config
 
 
 def main(argv: Sequence[str] | None = None) -> Summary:
     logging.getLogger().setLevel(logging.WARNING)
     try:
-        args, beam_args, task = checked_job(argv)
+        args, beam_args, task, config = checked_job(argv)
     except UsageError as e:
         print(f"beam_infer: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     log_dataflow_job_id(args.runner)
-    config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     sample_dir = None
     source = args.input
     if source is None:

@@ -2,28 +2,30 @@
 line on stderr and exit status 2, not a Beam stack trace minutes later.
 
 What is checked here is what the launching machine can know: local inputs, manifests, weights and outputs (remote
-ones are checked by the job when it reads and writes them), the model's name, and, for the in-process
-DirectRunner, the device and the dtype (on a cluster or Dataflow the workers' machines decide those).
+ones are checked by the job when it reads and writes them; on Dataflow, pipelines.dataflow refuses local ones), and,
+for the in-process DirectRunner, the device and the dtype (on a cluster or Dataflow the workers' machines decide
+those). Nothing is created or changed.
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
-import json
+import importlib
+import importlib.util
 import os
-import tempfile
+import zipfile
 
 import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 import torch
 
 from beam_infer.config import _DTYPES
 from beam_infer.io.fetch import is_local
-from beam_infer.io.read import is_manifest
+from beam_infer.io.read import is_manifest, match_files
+from beam_infer.runners import _DIRECT_NAMES
+from pipelines.dataflow import DATAFLOW_RUNNERS  # its paths are checked there: local ones are refused
 
-LOCAL_RUNNERS = ("DirectRunner", "InProcessDirectRunner")
-REMOTE_ONLY_RUNNERS = ("DataflowRunner",)  # its paths are checked by pipelines.dataflow: local ones are refused
 _GLOB_CHARS = "*?["
 
 
@@ -34,11 +36,11 @@ class UsageError(Exception):
 def check_job(args: argparse.Namespace) -> None:
     """Raises UsageError for the first mistake in `args` (pipelines.run's parsed options)."""
     check_counts(args)
-    if args.runner in LOCAL_RUNNERS:
+    if args.runner in _DIRECT_NAMES:
         check_device(args.device, args.dtype)
     elif args.dtype != "auto" and args.dtype not in _DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r}: auto, {', '.join(_DTYPES)}")
-    if args.runner in REMOTE_ONLY_RUNNERS:
+    if args.runner.lower() in DATAFLOW_RUNNERS:
         return
     if args.input is not None:
         check_input(args.input)
@@ -60,14 +62,33 @@ def check_counts(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-dead-letter-fraction must be between 0 and 1, got {fraction}")
 
 
+def check_model_name(spec: str) -> None:
+    """A `module:function` --model names a module that imports and a function in it (torchvision:<name> and the
+    shipped names are the resolvers' to check). An error raised inside the user's module is theirs: it keeps its
+    traceback."""
+    module, _, name = spec.partition(":")
+    if not name or module == "torchvision":
+        return
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as e:  # a parent package that is not there; an empty name
+        raise UsageError(f"--model {spec}: {e}") from e
+    if found is None:
+        raise UsageError(f"--model {spec}: No module named {module!r}")
+    if not hasattr(importlib.import_module(module), name):
+        raise UsageError(f"--model {spec}: {module} has no function {name}")
+
+
 def check_input(source: str) -> None:
     """A local input: the glob matches a file, the file is there, a manifest has a 'uri' column."""
     if not is_local(source):
         return
     path = os.path.expanduser(source)
     if any(c in path for c in _GLOB_CHARS) and not is_manifest(path):
-        if not any(os.path.isfile(p) for p in glob.iglob(path, recursive=True)):
-            raise UsageError(f"--input {source!r} matches no file")
+        try:
+            next(iter(match_files(path)))  # the job's own matching (fsspec's glob)
+        except (FileNotFoundError, StopIteration):
+            raise UsageError(f"--input {source!r} matches no file") from None
         return
     if not os.path.exists(path):
         raise UsageError(f"--input {source}: no such file")
@@ -82,7 +103,8 @@ def check_input(source: str) -> None:
 
 
 def manifest_columns(path: str) -> list[str]:
-    """The column names of a local Parquet, CSV or JSON-lines manifest, read from its head only."""
+    """The column names of a local Parquet, CSV or JSON-lines manifest as the job's reader (pyarrow) sees them,
+    read from the file's head where pyarrow can stream it."""
     try:
         lower = path.lower()
         if lower.endswith(".parquet"):
@@ -90,20 +112,22 @@ def manifest_columns(path: str) -> list[str]:
         if lower.endswith(".csv"):
             with pa_csv.open_csv(path) as reader:
                 return list(reader.schema.names)
-        with open(path) as f:
-            first = next((line for line in f if line.strip()), "")
-        return list(json.loads(first)) if first else []
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        if hasattr(pa_json, "open_json"):  # pyarrow 19 and later
+            with pa_json.open_json(path) as reader:
+                return list(reader.schema.names)
+        return list(pa_json.read_json(path).column_names)
+    except Exception as e:  # pyarrow's ArrowInvalid (a ValueError), OSError, whatever a broken file raises
         raise UsageError(f"--input {path}: cannot read the manifest: {_first_line(e)}") from e
 
 
 def check_weights(uri: str) -> None:
-    """A local --weights file opens as a state_dict (torch.load with weights_only=True, memory-mapped: cheap)."""
-    path = os.path.expanduser(uri.removeprefix("file://"))
+    """A local --weights file opens as a state_dict (torch.load with weights_only=True, as the workers load it;
+    memory-mapped where torch can, so a large file costs little)."""
+    path = os.path.expanduser(uri)
     if not os.path.isfile(path):
         raise UsageError(f"--weights {uri}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:  # mmap needs torch's zip format; a legacy-format file loads whole, as on the workers
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # torch raises RuntimeError, pickle's UnpicklingError, EOFError, zipfile's errors…
         raise UsageError(f"--weights {uri}: not a weights file torch can load: {_first_line(e)}") from e
     if not isinstance(state, dict):
@@ -128,29 +152,23 @@ def check_device(device: str, dtype: str) -> None:
                              f"built for CUDA {torch.version.cuda or 'none'})")
         if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dtype == "auto":
-        return
     if resolved.type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
         raise UsageError(f"--dtype bfloat16: {torch.cuda.get_device_name(resolved)} does not support it; "
                          "use float16 or float32")
-    if resolved.type == "cpu":
-        try:  # the ops an image model needs, at this dtype, on this CPU
-            x = torch.ones(1, 3, 8, 8, dtype=_DTYPES[dtype])
-            torch.nn.functional.conv2d(x, torch.ones(4, 3, 3, 3, dtype=x.dtype)).mean(dim=(2, 3)) @ torch.ones(
-                4, 2, dtype=x.dtype)
-        except RuntimeError as e:
-            raise UsageError(f"--dtype {dtype} on the CPU: {_first_line(e)}") from e
+    # On the CPU torch runs all three dtypes (float16 and bfloat16 slowly): nothing to refuse.
 
 
 def check_output(output: str) -> None:
-    """The local --output folder can be made and written to."""
-    path = os.path.expanduser(output)
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".beam_infer_write_check_"):
-            pass
-    except OSError as e:
-        raise UsageError(f"--output {output}: cannot write there ({e.strerror or e})") from e
+    """The local --output folder exists and is writable, or its nearest existing parent is a writable folder
+    (nothing is made here: the job makes the folder)."""
+    path = os.path.abspath(os.path.expanduser(output))
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output {output}: cannot write there ({existing} is not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output {output}: cannot write there ({existing} is not writable)")
 
 
 def _first_line(error: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 import logging
 import re
+import tempfile
 
 import pytest
 from apache_beam.options.pipeline_options import (
@@ -43,6 +44,7 @@ def assembled(monkeypatch, argv) -> PipelineOptions:
         return run.Summary({}, 1.0)
 
     monkeypatch.setattr(run, "run_job", fake_run_job)
+    monkeypatch.chdir(tempfile.mkdtemp(prefix="beam_infer_dataflow_test_"))  # a local --output stays out of the repo
     run.main(argv)
     (options,) = seen
     return options

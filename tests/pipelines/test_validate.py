@@ -16,7 +16,7 @@ import torch
 
 from pipelines import run, validate
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -63,6 +63,24 @@ def test_a_manifest_without_a_uri_column(capsys, tmp_path, out, suffix):
         f"--input {path}: the manifest has no 'uri' column (columns: path, label)")
 
 
+def test_a_json_lines_manifest_is_read_as_the_job_reads_it(tmp_path):
+    path = tmp_path / "m.jsonl"  # a BOM, and the uri column only from the second row on
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": "a"}\n{"id": "b", "uri": "b.jpg"}\n')
+    validate.check_input(str(path))
+
+
+def test_a_json_array_manifest_is_one_line_not_a_crash(capsys, tmp_path, out):
+    path = tmp_path / "m.json"
+    path.write_text('[{"uri": "a.jpg"}]')
+    assert refused(capsys, ["--input", str(path), "--output", out]).startswith(
+        f"--input {path}: cannot read the manifest: ")
+
+
+def test_a_glob_matches_as_the_job_matches_hidden_files_too(tmp_path):
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    validate.check_input(str(tmp_path / "*.jpg"))
+
+
 def test_an_unreadable_manifest(capsys, tmp_path, out):
     path = tmp_path / "m.parquet"
     path.write_bytes(b"not parquet at all")
@@ -73,6 +91,19 @@ def test_an_unreadable_manifest(capsys, tmp_path, out):
 def test_an_unknown_model(capsys, out):
     assert refused(capsys, ["--model", "resnet", "--output", out]) == (
         "unknown --model 'resnet': use shapes_net, torchvision:<name> or <module>:<function>")
+    assert not os.path.exists(out)  # a refused job makes nothing
+
+
+def test_a_model_module_without_the_function(capsys, out):
+    assert refused(capsys, ["--model", "json:no_such_function", "--output", out]) == (
+        "--model json:no_such_function: json has no function no_such_function")
+
+
+def test_an_error_inside_the_users_model_function_keeps_its_traceback(tmp_path, monkeypatch, out):
+    (tmp_path / "my_models.py").write_text("def broken():\n    raise ValueError('a bug in my factory')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match="a bug in my factory"):
+        run.main(["--model", "my_models:broken", "--output", out])
 
 
 def test_a_model_module_that_is_not_there(capsys, out):
@@ -90,6 +121,12 @@ def test_a_weights_file_torch_cannot_load(capsys, tmp_path, out):
     path.write_bytes(b"\x80\x04garbage")
     assert refused(capsys, ["--weights", str(path), "--output", out]).startswith(
         f"--weights {path}: not a weights file torch can load: ")
+
+
+def test_a_legacy_format_state_dict_is_accepted(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)  # loads whole: no mmap
+    validate.check_weights(str(path))
 
 
 def test_a_weights_file_that_is_not_a_state_dict(capsys, tmp_path, out):
@@ -115,15 +152,25 @@ def test_an_image_size_out_of_range(capsys, out):
         "--image-size must be at least 1, got 0")
 
 
-def test_a_dataflow_job_leaves_its_paths_to_the_dataflow_checks(tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", ["DataflowRunner", "dataflow"])
+def test_a_dataflow_job_leaves_its_paths_to_the_dataflow_checks(tmp_path, monkeypatch, runner):
     monkeypatch.chdir(tmp_path)
-    args, _ = run.parse_args(["--runner", "DataflowRunner", "--output", "local_dir", "--weights", "w.pt"])
+    args, _ = run.parse_args(["--runner", runner, "--output", "local_dir", "--weights", "w.pt"])
     validate.check_job(args)  # pipelines.dataflow refuses local paths on Dataflow, with its own message
     assert not (tmp_path / "local_dir").exists()  # nothing made on the launching machine
 
 
 def test_an_unknown_device(capsys, out):
     assert refused(capsys, ["--device", "gpu", "--output", out]) == "unknown --device 'gpu': auto, cpu, cuda or cuda:N"
+
+
+def test_a_device_the_engine_refuses_on_any_runner(capsys, out):
+    assert refused(capsys, ["--device", "cpu:0", "--runner", "FlinkRunner", "--output", out]) == (
+        "EngineConfig.device must be auto, cpu, cuda or cuda:N, got 'cpu:0'")
+
+
+def test_argparses_own_errors_are_one_line_too(capsys):
+    assert refused(capsys, ["--task", "classfy"]).startswith("argument --task: invalid choice: 'classfy'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the case is a machine without it")
@@ -140,13 +187,13 @@ def test_an_unknown_dtype(capsys, out):
 def test_an_output_that_cannot_be_written(capsys, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    assert refused(capsys, ["--output", str(blocker / "out")]).startswith(
-        f"--output {blocker / 'out'}: cannot write there (")
+    assert refused(capsys, ["--output", str(blocker / "out")]) == (
+        f"--output {blocker / 'out'}: cannot write there ({blocker} is not a folder)")
 
 
 def test_the_command_exits_2_with_one_line_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--input", str(tmp_path / "*.jpg"),
-                           "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=50)
+                           "--output", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip() == f"beam_infer: error: --input '{tmp_path / '*.jpg'}' matches no file"
 
