@@ -43,6 +43,7 @@ from beam_infer.models import DEFAULT_IMG2IMG_MODEL, DEFAULT_MODEL, resolve_img2
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
+from pipelines import interrupt
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 from pipelines.validate import UsageError, check_job, check_model_name
 
@@ -99,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     group = parser.add_argument_group("output")
     group.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files "
                                                                      "(and img2img's images/)")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="beam_infer's own logging: -v info, -vv debug (default: warnings only; Beam's own "
+                            "loggers stay at warning)")
     group = parser.add_argument_group("failure budget")
     group.add_argument("--max-dead-letters", type=int,
                        help="fail the job when more records than this become dead letters (default: no limit)")
@@ -248,27 +252,46 @@ def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     return args, beam_args, task, config
 
 
+def configure_logging(verbosity: int) -> None:
+    """Warnings only by default; -v: beam_infer's (and this job's) info, -vv: their debug. Beam's loggers stay at
+    warning, so its own chatter never drowns the job's."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
+    root = logging.getLogger()
+    if not root.handlers:  # a launcher that set up logging itself (Airflow, a notebook) keeps its handlers
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root.setLevel(logging.WARNING)
+    for name in ("beam_infer", "pipelines"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> Summary:
-    logging.getLogger().setLevel(logging.WARNING)
     try:
         args, beam_args, task, config = checked_job(argv)
     except UsageError as e:
         print(f"beam_infer: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    configure_logging(args.verbose)
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     log_dataflow_job_id(args.runner)
     sample_dir = None
-    source = args.input
-    if source is None:
-        sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_")
-        source = write_sample(sample_dir, args.sample_size)
-    try:
-        summary = run_job(options, source, task, config, args.output,
-                          Budget(args.max_dead_letters, args.max_dead_letter_fraction), chunk_size=args.chunk_size,
-                          rows=ROWS[args.task])
-    finally:
-        if sample_dir:
-            shutil.rmtree(sample_dir, ignore_errors=True)
+    temp_before = interrupt.temp_dirs(args.output)
+    with interrupt.stopping_on_signals() as signals:
+        try:
+            source = args.input
+            if source is None:
+                sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_")
+                source = write_sample(sample_dir, args.sample_size)
+            summary = run_job(options, source, task, config, args.output,
+                              Budget(args.max_dead_letters, args.max_dead_letter_fraction),
+                              chunk_size=args.chunk_size, rows=ROWS[args.task])
+        except BaseException:
+            if signals:  # Ctrl-C or SIGTERM, wherever Beam wrapped its KeyboardInterrupt
+                raise interrupt.stop_after(signals[0], args.output, temp_before) from None
+            raise
+        finally:
+            if sample_dir:
+                shutil.rmtree(sample_dir, ignore_errors=True)
     print(summary.render(args.task, options.view_as(StandardOptions).runner, task.name, config,
                          output_files(args.task, args.output)))
     return summary

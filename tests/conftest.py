@@ -42,9 +42,9 @@ def engine_threads() -> list[str]:
 @pytest.fixture(autouse=True)
 def _no_engine_thread_leaks_between_tests():
     yield
-    from beam_infer.engine.engine import _close_all
+    from beam_infer.engine.engine import close_all_engines
 
-    _close_all()
+    close_all_engines()
 
 
 def write_bad_files(directory) -> tuple[str, str]:

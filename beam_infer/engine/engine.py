@@ -240,9 +240,10 @@ def _refuse_after_a_device_fault() -> None:
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def _close_all() -> None:
+def close_all_engines() -> None:
+    """Stops every engine of this process (at exit, and when a job is interrupted)."""
     for engine in list(_LIVE_ENGINES):
         engine.close()
 
 
-atexit.register(_close_all)  # no engine thread outlives the interpreter
+atexit.register(close_all_engines)  # no engine thread outlives the interpreter

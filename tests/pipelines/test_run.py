@@ -31,6 +31,7 @@ def test_python_m_pipelines_run_writes_predictions_for_the_builtin_sample(tmp_pa
     proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--output", str(out), "--sample-size", "40"],
                           cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "engine started" not in proc.stderr and " INFO " not in proc.stderr  # quiet by default
     assert "40 records (40 predictions, 0 dead letters)" in proc.stdout
     assert "top-1 accuracy" in proc.stdout and "engines (model copies) built: 1" in proc.stdout
     batches, mean = re.search(r"batches: (\d+) \(mean size ([\d.]+)\)", proc.stdout).groups()
@@ -40,6 +41,15 @@ def test_python_m_pipelines_run_writes_predictions_for_the_builtin_sample(tmp_pa
     assert all(r["model"] == "shapes_net" and len(r["top_labels"]) == 3 for r in rows)
     assert sum(r["top_labels"][0] == r["label"] for r in rows) >= 38
     assert read_rows(str(out), "dead_letters") == []
+
+
+def test_verbose_shows_beam_infers_info_and_keeps_beams_own_at_warning(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipelines.run", "--output", str(tmp_path / "out"),
+                           "--sample-size", "8", "-v"], cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = [line for line in proc.stderr.splitlines() if " INFO " in line]
+    assert any("beam_infer.engine.engine: beam_infer engine started" in line for line in info), proc.stderr[-3000:]
+    assert not [line for line in info if " apache_beam" in line], info
 
 
 def test_glob_input_with_bad_files_gives_dead_letters_and_predictions_for_the_rest(sample_dir, tmp_path):
