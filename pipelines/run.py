@@ -11,6 +11,7 @@ Every option this script does not know passes through to Beam as a pipeline opti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -265,37 +266,41 @@ def configure_logging(verbosity: int) -> None:
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> Summary:
+def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
+    """Runs the job that `argv` describes and prints its summary. As the command (`command=True`), it also sets up
+    logging (-v) and turns Ctrl-C and SIGTERM into a quick, clean stop (pipelines/interrupt.py); a program that
+    calls main() (Airflow, a notebook, the tests) keeps its own logging and signal handling."""
     try:
         args, beam_args, task, config = checked_job(argv)
     except UsageError as e:
         print(f"beam_infer: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    configure_logging(args.verbose)
+    if command:
+        configure_logging(args.verbose)
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     log_dataflow_job_id(args.runner)
-    sample_dir = None
+    sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_") if args.input is None else None
     temp_before = interrupt.temp_dirs(args.output)
-    with interrupt.stopping_on_signals() as signals:
-        try:
-            source = args.input
-            if source is None:
-                sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_")
-                source = write_sample(sample_dir, args.sample_size)
-            summary = run_job(options, source, task, config, args.output,
-                              Budget(args.max_dead_letters, args.max_dead_letter_fraction),
-                              chunk_size=args.chunk_size, rows=ROWS[args.task])
-        except BaseException:
-            if signals:  # Ctrl-C or SIGTERM, wherever Beam wrapped its KeyboardInterrupt
-                raise interrupt.stop_after(signals[0], args.output, temp_before) from None
-            raise
-        finally:
-            if sample_dir:
-                shutil.rmtree(sample_dir, ignore_errors=True)
+    try:
+        with interrupt.stopping_on_signals() if command else contextlib.nullcontext([]) as signals:
+            try:
+                source = args.input or write_sample(sample_dir, args.sample_size)
+                summary = run_job(options, source, task, config, args.output,
+                                  Budget(args.max_dead_letters, args.max_dead_letter_fraction),
+                                  chunk_size=args.chunk_size, rows=ROWS[args.task])
+            except BaseException as e:
+                if signals:  # Ctrl-C or SIGTERM, wherever Beam wrapped its KeyboardInterrupt: ends the process
+                    if sample_dir:
+                        shutil.rmtree(sample_dir, ignore_errors=True)
+                    interrupt.stop_after(signals[0], args.output, temp_before, e)
+                raise
+    finally:
+        if sample_dir:
+            shutil.rmtree(sample_dir, ignore_errors=True)
     print(summary.render(args.task, options.view_as(StandardOptions).runner, task.name, config,
                          output_files(args.task, args.output)))
     return summary
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1:], command=True)

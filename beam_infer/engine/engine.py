@@ -215,10 +215,11 @@ class Engine:
         """Stops the current run. A device thread that does not stop leaves the engine's state unknown (a new run
         would call the model beside it): fatal, unless the interpreter is exiting anyway."""
         run, self._run = self._run, None
-        doomed = process_fault() is not None  # the process exits soon: a teardown must not hold the exit up
+        # The process exits soon (a device fault, a signal): a teardown must not hold the exit up.
+        doomed = _interrupted or process_fault() is not None
         timeout_s = 0.0 if doomed else self.config.stop_timeout_s
         stuck = run.stop(timeout_s)
-        if not stuck:
+        if not stuck or _interrupted:  # daemon threads: they end with the process, which is ending by request
             return
         message = (f"engine threads of {self.task.name} did not stop within {timeout_s:.1f}s and are left "
                    f"running: {', '.join(stuck)}")
@@ -238,6 +239,14 @@ def _refuse_after_a_device_fault() -> None:
 
 
 _LIVE_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_interrupted = False  # set by interrupt_all(); a plain flag, as a signal handler sets it
+
+
+def interrupt_all() -> None:
+    """The process is about to end on a signal (Ctrl-C): from now on engines stop without waiting for their
+    threads, which are daemon threads and end with the process. Safe to call from a signal handler."""
+    global _interrupted
+    _interrupted = True
 
 
 def close_all_engines() -> None:

@@ -308,3 +308,37 @@ def test_on_cuda_the_process_gives_torchs_cpu_ops_one_thread_and_on_cpu_leaves_t
     monkeypatch.setattr(sys, "setswitchinterval", lambda s: None)
     configure_process(EngineConfig(), torch.device(device))
     assert calls == threads
+
+
+class _SlowForward(Doubler):
+    """A forward that takes `seconds`; `entered` is set once one started."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+        self.entered = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        import time
+
+        time.sleep(self.seconds)
+        return super().forward(x)
+
+
+def test_after_interrupt_all_a_release_does_not_wait_for_a_forward_in_progress(monkeypatch):
+    import time
+
+    from beam_infer.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_interrupted", False)
+    model = _SlowForward(seconds=3.0)
+    engine = make_engine(model, batch_size=2, max_batch_wait_s=0.01, stop_timeout_s=30.0)
+    bundle = engine.open_bundle()
+    for r in write_numbers(safe(2)):
+        bundle.submit(r)
+    assert model.entered.wait(10)
+    engine_module.interrupt_all()  # as the command's signal handler does
+    start = time.monotonic()
+    engine.release()
+    assert time.monotonic() - start < 1.0 and not engine.running  # not the forward's 3 s, nor stop_timeout_s

@@ -1,6 +1,6 @@
-"""Ctrl-C (SIGINT) or SIGTERM in the middle of `python -m pipelines.run`: the job stops within 5 s with exit status
-130 or 143 and one line instead of a traceback, no process of it is left, and no output is left under a final name
-or in Beam's temporary folders."""
+"""Ctrl-C (SIGINT) or SIGTERM in the middle of `python -m pipelines.run`: the job stops within seconds, ends by that
+signal (a shell's status 130 or 143) with one line instead of a traceback, no process of it is left, and no output
+is left under a final name or in the temporary folders it had made."""
 
 from __future__ import annotations
 
@@ -33,9 +33,11 @@ def long_manifest(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
-def test_a_signal_mid_job_stops_it_quickly_with_its_status_and_leaves_nothing(long_manifest, tmp_path, sig, status):
+STOP_LIMIT_S = 10.0  # from the signal to the process's end, interpreter exit included, on a loaded 2-core machine
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_mid_job_stops_it_quickly_by_that_signal_and_leaves_nothing(long_manifest, tmp_path, sig):
     output = tmp_path / "out"
     job = subprocess.Popen([sys.executable, "-m", "pipelines.run", "--input", long_manifest, "--output", str(output),
                             "--batch-size", "16", "-v"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -55,8 +57,9 @@ def test_a_signal_mid_job_stops_it_quickly_with_its_status_and_leaves_nothing(lo
         assert started.wait(90), "".join(lines)[-3000:]
         time.sleep(1.0)  # records in every stage
         assert job.poll() is None, "the job ended before the signal"
+        assert glob.glob(str(output / "beam-temp-*")), "no write had started: nothing to clean up"
         sent = time.monotonic()
-        job.send_signal(sig)
+        os.killpg(job.pid, sig)  # as a terminal's Ctrl-C: to the whole process group
         job.wait(timeout=30)
         took = time.monotonic() - sent
     finally:
@@ -65,17 +68,22 @@ def test_a_signal_mid_job_stops_it_quickly_with_its_status_and_leaves_nothing(lo
             job.wait()
     reader.join(timeout=10)
     err = "".join(lines)
-    assert job.returncode == status, err[-3000:]
-    assert took < 5.0, f"{took:.1f}s"
+    assert job.returncode == -sig, err[-3000:]  # ended by the signal: a shell sees 128 + its number
+    assert took < STOP_LIMIT_S, f"{took:.1f}s"
     assert "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1].startswith(f"beam_infer: stopped by {sig.name}; removed "), err[-1000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"beam_infer: stopped by {sig.name}; removed ") and not last.startswith(
+        f"beam_infer: stopped by {sig.name}; removed 0 "), err[-1000:]
     assert glob.glob(str(output / "*.parquet")) == []  # nothing under a final name
     assert glob.glob(str(output / "beam-temp-*")) == []  # nor in Beam's temporary folders
     with pytest.raises(ProcessLookupError):  # no process of the job's group is left
         os.killpg(job.pid, 0)
 
 
-def test_outside_the_job_the_signal_handlers_and_beams_logging_are_as_they_were():
+def test_outside_the_job_the_signal_handlers_and_beams_logging_are_as_they_were(monkeypatch):
+    from beam_infer.engine import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "_interrupted", False)  # the signal below sets it for this test only
     import logging
 
     from pipelines import interrupt
@@ -84,9 +92,11 @@ def test_outside_the_job_the_signal_handlers_and_beams_logging_are_as_they_were(
     filters = [list(h.filters) for h in logging.getLogger().handlers]
     with interrupt.stopping_on_signals() as received:
         assert signal.getsignal(signal.SIGINT) is not before[signal.SIGINT]
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]  # else the SIGTERM below ends pytest
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # the handler raises in this thread first
         assert received == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # a second signal of either kind ends the process
     assert {s: signal.getsignal(s) for s in interrupt.SIGNALS} == before
     assert [list(h.filters) for h in logging.getLogger().handlers] == filters
