@@ -5,10 +5,13 @@ On the signal, engines stop without waiting for their threads (`interrupt_all`).
 under `<output>/beam-temp-<name>-<uuid>/` and move the files to their final names only in the write's last step, so
 an interrupted job leaves no rows under final names unless the signal lands in that last step (then some shards of
 a write may be in place: rerun into the same output, which replaces them). The temporary folders this run made under
-a local output are removed; in a bucket they stay (delete `<output>/beam-temp-*`), and img2img's images already put
-under `<output>/images/` stay. Only the command installs this (not a program that calls `main()`: Airflow, a
-notebook, the tests). With a remote runner (Dataflow, a Flink or Spark cluster) the signal stops the launcher only:
-cancel the job on the runner too. Tested for the default in-process DirectRunner.
+a local output are removed; in a bucket they stay (delete `<output>/beam-temp-*`). img2img's images already put under
+`<output>/images/` stay: puts already queued may still complete in the moment before the process ends, and one cut
+short leaves a hidden `.<name>.<hex>.tmp` file there.
+
+Only the command installs this, not a program that calls `main()` (Airflow, a notebook, the tests). With a remote
+runner (Dataflow, a Flink or Spark cluster) the signal stops the launcher only: cancel the job on the runner too.
+Tested for the default in-process DirectRunner.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Iterator
 
 from beam_infer.engine.engine import close_all_engines, interrupt_all
@@ -69,11 +73,16 @@ def temp_dirs(output: str) -> set[str]:
     return set(glob.glob(os.path.join(os.path.expanduser(output), "beam-temp-*")))
 
 
-def stop_after(signum: int, output: str, temp_before: set[str], error: BaseException) -> None:
+def stop_after(signum: int, output: str, temp_before: set[str], error: BaseException,
+               scratch: str | None = None) -> None:
     """After the job unwound from signal `signum`: stops every engine, removes the temporary folders made since
-    `temp_before`, says so in one line on stderr (with `error`'s first line when it is not the interrupt itself),
-    and ends the process by the same signal."""
+    `temp_before` (and the `scratch` folder), says so in one line on stderr (with `error`'s first line when it is
+    not the interrupt itself), and ends the process by the same signal. Exit handlers do not run (Beam's, for a
+    local job server of a portable runner, included). Where a process cannot end by a signal it sends itself
+    (PID 1 in a container), it exits with status 128 + signum."""
     close_all_engines()
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
     removed = sorted(temp_dirs(output) - temp_before)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
@@ -88,3 +97,5 @@ def stop_after(signum: int, output: str, temp_before: set[str], error: BaseExcep
     sys.stdout.flush()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
+    time.sleep(1.0)  # the signal is delivered meanwhile; PID 1 ignores a default-action signal it sends itself
+    os._exit(128 + signum)

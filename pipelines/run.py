@@ -284,16 +284,16 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
     try:
         with interrupt.stopping_on_signals() if command else contextlib.nullcontext([]) as signals:
             try:
-                source = args.input or write_sample(sample_dir, args.sample_size)
+                source = args.input if args.input is not None else write_sample(sample_dir, args.sample_size)
                 summary = run_job(options, source, task, config, args.output,
                                   Budget(args.max_dead_letters, args.max_dead_letter_fraction),
                                   chunk_size=args.chunk_size, rows=ROWS[args.task])
             except BaseException as e:
                 if signals:  # Ctrl-C or SIGTERM, wherever Beam wrapped its KeyboardInterrupt: ends the process
-                    if sample_dir:
-                        shutil.rmtree(sample_dir, ignore_errors=True)
-                    interrupt.stop_after(signals[0], args.output, temp_before, e)
+                    interrupt.stop_after(signals[0], args.output, temp_before, e, sample_dir)
                 raise
+            if signals:  # one came as the job was ending: the process still ends by it
+                interrupt.stop_after(signals[0], args.output, temp_before, KeyboardInterrupt(), sample_dir)
     finally:
         if sample_dir:
             shutil.rmtree(sample_dir, ignore_errors=True)

@@ -208,6 +208,8 @@ class Engine:
         return next(self._batch_numbers)
 
     def _start(self) -> None:
+        if _interrupted:  # threads of the stopped run may still be inside the model: no second run beside them
+            raise EngineError("the process is stopping on a signal: no new engine run")
         self._run = Run(self)
         self.runs_started += 1
 

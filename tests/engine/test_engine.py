@@ -310,19 +310,17 @@ def test_on_cuda_the_process_gives_torchs_cpu_ops_one_thread_and_on_cpu_leaves_t
     assert calls == threads
 
 
-class _SlowForward(Doubler):
-    """A forward that takes `seconds`; `entered` is set once one started."""
+class _BlockedForward(Doubler):
+    """A forward that waits for `go`; `entered` is set once one started."""
 
-    def __init__(self, seconds: float):
+    def __init__(self):
         super().__init__()
-        self.seconds = seconds
         self.entered = threading.Event()
+        self.go = threading.Event()
 
     def forward(self, x):
         self.entered.set()
-        import time
-
-        time.sleep(self.seconds)
+        self.go.wait(30)
         return super().forward(x)
 
 
@@ -332,7 +330,7 @@ def test_after_interrupt_all_a_release_does_not_wait_for_a_forward_in_progress(m
     from beam_infer.engine import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_interrupted", False)
-    model = _SlowForward(seconds=3.0)
+    model = _BlockedForward()
     engine = make_engine(model, batch_size=2, max_batch_wait_s=0.01, stop_timeout_s=30.0)
     bundle = engine.open_bundle()
     for r in write_numbers(safe(2)):
@@ -341,4 +339,12 @@ def test_after_interrupt_all_a_release_does_not_wait_for_a_forward_in_progress(m
     engine_module.interrupt_all()  # as the command's signal handler does
     start = time.monotonic()
     engine.release()
-    assert time.monotonic() - start < 1.0 and not engine.running  # not the forward's 3 s, nor stop_timeout_s
+    took = time.monotonic() - start
+    with pytest.raises(EngineError, match="stopping on a signal"):
+        engine.retain()  # no second run beside threads still inside the model
+    model.go.set()  # lets the forward end, so that no thread outlives the test
+    deadline = time.monotonic() + 10
+    while engine_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert took < 1.0 and not engine.running  # not the blocked forward, nor stop_timeout_s
+    assert engine_threads() == []
