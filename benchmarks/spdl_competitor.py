@@ -202,18 +202,13 @@ class _AsyncFetch:
         return fs
 
 
-def _stage_name(info) -> str:
-    """The name given to pipe() (or SPDL's own, for its source, aggregate and sink stages) from a StageInfo."""
-    return info.stage_name
-
-
 def _task_stats(stages: dict[str, dict[str, float]]):
     """A task_hook_factory: SPDL's TaskStatsHook per stage, its final figures kept in `stages` instead of logged."""
     from spdl.pipeline import TaskStatsHook
 
     class Kept(TaskStatsHook):
         def _log_stats(self, stats) -> None:
-            stages.setdefault(_stage_name(self.info), {}).update(
+            stages.setdefault(self.info.stage_name, {}).update(
                 tasks=stats.num_tasks, failures=stats.num_failures, ave_s=stats.ave_time, p90_s=stats.p90_time,
                 p99_s=stats.p99_time)
 
@@ -228,7 +223,7 @@ def _queue_stats(stages: dict[str, dict[str, float]]):
 
     class Kept(StatsQueue):
         def _log_stats(self, stats) -> None:
-            stages.setdefault(_stage_name(self.info), {}).update(
+            stages.setdefault(self.info.stage_name, {}).update(
                 queue_occupancy=round(stats.occupancy_rate, 3), queue_items=stats.num_items)
 
     return Kept

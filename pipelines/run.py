@@ -46,7 +46,7 @@ from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
 from pipelines import interrupt
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
-from pipelines.validate import UsageError, check_job, check_model_name
+from pipelines.validate import UsageError, check_job, check_model_name, is_user_factory
 
 DEFAULT_CHUNK_SIZE = 64
 TASKS = ("classify", "img2img")
@@ -247,7 +247,7 @@ def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     try:
         task = job_task(args)
     except ValueError as e:
-        if ":" in args.model and not args.model.startswith("torchvision:"):
+        if is_user_factory(args.model):
             raise  # from the user's own module:function: its traceback is what they need
         raise UsageError(str(e)) from e  # "unknown --model ...", said by the resolvers
     return args, beam_args, task, config
@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
     log_dataflow_job_id(args.runner)
     sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_") if args.input is None else None
-    temp_before = interrupt.temp_dirs(args.output)
+    temp_before = interrupt.temp_dirs(args.output) if command else set()
     try:
         with interrupt.stopping_on_signals() if command else contextlib.nullcontext([]) as signals:
             try:

@@ -36,10 +36,10 @@ class UsageError(Exception):
 def check_job(args: argparse.Namespace) -> None:
     """Raises UsageError for the first mistake in `args` (pipelines.run's parsed options)."""
     check_counts(args)
+    if args.dtype != "auto" and args.dtype not in _DTYPES:
+        raise UsageError(f"unknown --dtype {args.dtype!r}: auto, {', '.join(_DTYPES)}")
     if args.runner in _DIRECT_NAMES:
         check_device(args.device, args.dtype)
-    elif args.dtype != "auto" and args.dtype not in _DTYPES:
-        raise UsageError(f"unknown --dtype {args.dtype!r}: auto, {', '.join(_DTYPES)}")
     if args.runner.lower() in DATAFLOW_RUNNERS:
         return
     if args.input is not None:
@@ -62,13 +62,19 @@ def check_counts(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-dead-letter-fraction must be between 0 and 1, got {fraction}")
 
 
+def is_user_factory(spec: str) -> bool:
+    """Whether --model `spec` names the user's own `module:function` (not a shipped name or torchvision:<name>)."""
+    module, _, name = spec.partition(":")
+    return bool(name) and module != "torchvision"
+
+
 def check_model_name(spec: str) -> None:
     """A `module:function` --model names a module that imports and a function in it (torchvision:<name> and the
     shipped names are the resolvers' to check). An error raised inside the user's module is theirs: it keeps its
     traceback."""
-    module, _, name = spec.partition(":")
-    if not name or module == "torchvision":
+    if not is_user_factory(spec):
         return
+    module, _, name = spec.partition(":")
     try:
         found = importlib.util.find_spec(module)
     except (ImportError, ValueError) as e:  # a parent package that is not there; an empty name
@@ -135,9 +141,8 @@ def check_weights(uri: str) -> None:
 
 
 def check_device(device: str, dtype: str) -> None:
-    """The device exists on this machine and runs `dtype` (for the in-process runner)."""
-    if dtype != "auto" and dtype not in _DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}: auto, {', '.join(_DTYPES)}")
+    """The device exists on this machine and runs `dtype` (for the in-process runner). Other device names are
+    EngineConfig's to refuse."""
     if device == "auto":
         resolved = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -145,8 +150,6 @@ def check_device(device: str, dtype: str) -> None:
             resolved = torch.device(device)
         except RuntimeError:
             raise UsageError(f"unknown --device {device!r}: auto, cpu, cuda or cuda:N") from None
-        if resolved.type not in ("cpu", "cuda"):
-            raise UsageError(f"--device {device}: beam_infer runs on cpu or cuda")
         if resolved.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}, "
                              f"built for CUDA {torch.version.cuda or 'none'})")

@@ -48,15 +48,18 @@ def twice(outputs, record) -> dict:
 
 
 class Doubler(nn.Module):
-    """Doubles its input; raises for any batch containing POISON_FORWARD; records the batch sizes it saw."""
+    """Doubles its input; raises for any batch containing POISON_FORWARD; records the batch sizes it saw. With a
+    `gate`, each forward waits for it to be set; `entered` is set once a forward has begun."""
 
     def __init__(self, gate: threading.Event | None = None) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(2.0))
         self.batch_sizes: list[int] = []
         self.gate = gate
+        self.entered = threading.Event()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
         if self.gate is not None:
             self.gate.wait()
         self.batch_sizes.append(len(x))

@@ -310,27 +310,13 @@ def test_on_cuda_the_process_gives_torchs_cpu_ops_one_thread_and_on_cpu_leaves_t
     assert calls == threads
 
 
-class _BlockedForward(Doubler):
-    """A forward that waits for `go`; `entered` is set once one started."""
-
-    def __init__(self):
-        super().__init__()
-        self.entered = threading.Event()
-        self.go = threading.Event()
-
-    def forward(self, x):
-        self.entered.set()
-        self.go.wait(30)
-        return super().forward(x)
-
-
 def test_after_interrupt_all_a_release_does_not_wait_for_a_forward_in_progress(monkeypatch):
     import time
 
     from beam_infer.engine import engine as engine_module
 
     monkeypatch.setattr(engine_module, "_interrupted", False)
-    model = _BlockedForward()
+    model = Doubler(gate=threading.Event())
     engine = make_engine(model, batch_size=2, max_batch_wait_s=0.01, stop_timeout_s=30.0)
     bundle = engine.open_bundle()
     for r in write_numbers(safe(2)):
@@ -342,7 +328,7 @@ def test_after_interrupt_all_a_release_does_not_wait_for_a_forward_in_progress(m
     took = time.monotonic() - start
     with pytest.raises(EngineError, match="stopping on a signal"):
         engine.retain()  # no second run beside threads still inside the model
-    model.go.set()  # lets the forward end, so that no thread outlives the test
+    model.gate.set()  # lets the forward end, so that no thread outlives the test
     deadline = time.monotonic() + 10
     while engine_threads() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -311,24 +311,10 @@ def test_after_a_device_fault_stopping_does_not_wait_for_stuck_threads_and_hold_
         model.gate.set()
 
 
-class _Slow(Doubler):
-    """Busy (not stuck) for a while in each forward: stopping must not take it for a stuck thread."""
-
-    def __init__(self):
-        super().__init__()
-        self.entered = threading.Event()
-        self.release_batch = threading.Event()
-
-    def forward(self, x):
-        self.entered.set()
-        self.release_batch.wait(_JOIN_S)
-        return super().forward(x)
-
-
 def test_stopping_a_busy_engine_skips_its_queued_batches_instead_of_calling_the_model_stuck(process_exits):
     from beam_infer.engine.health import process_fault
 
-    model = _Slow()
+    model = Doubler(gate=threading.Event())  # busy (not stuck) in its forward until the gate opens
     engine = make_engine(model, batch_size=2, max_batch_wait_s=0.0, stop_timeout_s=5.0)
     bundle = engine.open_bundle()
     for r in write_numbers(safe(8)):
@@ -336,7 +322,7 @@ def test_stopping_a_busy_engine_skips_its_queued_batches_instead_of_calling_the_
     assert model.entered.wait(_JOIN_S)
     releasing = threading.Thread(target=engine.release)
     releasing.start()  # the last user leaves with batches queued behind the one in the model
-    model.release_batch.set()
+    model.gate.set()
     releasing.join(_JOIN_S)
     assert not releasing.is_alive() and process_fault() is None
     assert len(model.batch_sizes) < 4  # the queued batches were dropped, not run one after another
