@@ -53,6 +53,11 @@ class EngineConfig:
             Python's default is 0.005); 0 leaves the process's as it is. A thread that released the GIL for C
             work (a decode step, a kernel launch) waits up to this long to get it back while a pure-Python
             thread (Beam's) runs; a shorter interval shortens that wait and costs more switches. Process-wide.
+        telemetry_dir: a directory where each engine appends a sample of its progress, stage busy time and
+            queue fill every `telemetry_interval_s` (beam_infer/engine/telemetry.py), for a launcher's progress
+            line and report (beam_infer/monitor.py). Written only where the directory exists: on workers that
+            share the launcher's file system (DirectRunner, a LOOPBACK environment), not on remote ones.
+        telemetry_interval_s: seconds between two samples.
     """
 
     batch_size: int = 64
@@ -74,6 +79,8 @@ class EngineConfig:
     trace_events: bool = False
     stop_timeout_s: float = 30.0
     gil_switch_interval_s: float = 0.001
+    telemetry_dir: str | None = None
+    telemetry_interval_s: float = 0.5
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
@@ -96,6 +103,8 @@ class EngineConfig:
         if self.io_backoff_s < 0 or self.io_timeout_s <= 0:
             raise ValueError(f"EngineConfig.io_backoff_s must not be negative and io_timeout_s must be positive, got "
                              f"{self.io_backoff_s} and {self.io_timeout_s}")
+        if self.telemetry_interval_s <= 0:
+            raise ValueError(f"EngineConfig.telemetry_interval_s must be positive, got {self.telemetry_interval_s}")
         if self.max_batch_wait_s < 0:
             raise ValueError(f"EngineConfig.max_batch_wait_s must not be negative, got {self.max_batch_wait_s}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -17,10 +17,12 @@ are compared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import glob
 import json
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -97,6 +99,19 @@ def with_engine(manifest: str, output: str, config: EngineConfig, chunk_size: in
     return summary.seconds
 
 
+def with_telemetry(manifest: str, output: str, config: EngineConfig, chunk_size: int | None, items: int) -> float:
+    """with_engine, the engine sampling its telemetry and the job's progress bar reading it, as `pipelines.run`
+    does (the bar, drawn to nowhere, reads the most often)."""
+    from pipelines.progress import Progress
+
+    folder = tempfile.mkdtemp(prefix="beam_infer_telemetry_")
+    try:
+        with open(os.devnull, "w") as nowhere, Progress(folder, items, "bar", stream=nowhere):
+            return with_engine(manifest, output, dataclasses.replace(config, telemetry_dir=folder), chunk_size)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,27 +120,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="records per Beam element up to the inference; 1: one record per element")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="also run beam_infer with its telemetry and progress bar on, and print what they add")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     manifest = dataset("number", 1, 1, args.items)
     config = EngineConfig(batch_size=args.batch_size, device="cpu")
     chunk = None if args.chunk_size == 1 else args.chunk_size
-    rows: dict[str, set[int]] = {"beam_only": set(), "beam_infer": set()}
+    names = ["beam_only", "beam_infer"] + (["beam_infer_telemetry"] if args.telemetry else [])
+    rows: dict[str, set[int]] = {name: set() for name in names}
 
     def once(name: str) -> tuple[float, float]:
         """(wall seconds, CPU seconds of every thread of the process) of one run."""
         output = tempfile.mkdtemp(prefix="beam_infer_overhead_")
         cpu = time.process_time()
         try:
-            wall = (beam_only(manifest, output, chunk) if name == "beam_only"
-                    else with_engine(manifest, output, config, chunk))
+            if name == "beam_only":
+                wall = beam_only(manifest, output, chunk)
+            elif name == "beam_infer":
+                wall = with_engine(manifest, output, config, chunk)
+            else:
+                wall = with_telemetry(manifest, output, config, chunk, args.items)
             cpu = time.process_time() - cpu
             rows[name].add(written_rows(output))
             return wall, cpu
         finally:
             shutil.rmtree(output, ignore_errors=True)
 
-    runs: dict[str, list[tuple[float, float]]] = {"beam_only": [], "beam_infer": []}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for name in runs:
         once(name)  # warm-up, not counted
     for _ in range(args.repeats):
@@ -154,6 +176,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"engine {median['beam_infer']:.2f}s: the engine adds {per_record_us:.1f} µs per record of wall time "
           f"({cpu_per_record_us:.1f} µs of CPU time, all threads); the whole job: {result['job_us_per_record']} "
           "µs per record")
+    if args.telemetry:
+        extra = (median["beam_infer_telemetry"] - median["beam_infer"]) / args.items * 1e6
+        extra_cpu = (cpu["beam_infer_telemetry"] - cpu["beam_infer"]) / args.items * 1e6
+        result["telemetry_extra_us_per_record"] = round(extra, 2)
+        result["telemetry_extra_cpu_us_per_record"] = round(extra_cpu, 2)
+        print(f"telemetry and progress bar on: {median['beam_infer_telemetry']:.2f}s, {extra:+.2f} µs per record of "
+              f"wall time ({extra_cpu:+.2f} µs of CPU time)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

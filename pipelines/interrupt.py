@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from beam_infer.engine.engine import close_all_engines, interrupt_all
 from beam_infer.io.fetch import is_local
@@ -74,15 +74,16 @@ def temp_dirs(output: str) -> set[str]:
 
 
 def stop_after(signum: int, output: str, temp_before: set[str], error: BaseException,
-               scratch: str | None = None) -> None:
+               scratch: Sequence[str | None] = ()) -> None:
     """After the job unwound from signal `signum`: stops every engine, removes the temporary folders made since
-    `temp_before` (and the `scratch` folder), says so in one line on stderr (with `error`'s first line when it is
+    `temp_before` (and the `scratch` folders), says so in one line on stderr (with `error`'s first line when it is
     not the interrupt itself), and ends the process by the same signal. Exit handlers do not run (Beam's, for a
     local job server of a portable runner, included). Where a process cannot end by a signal it sends itself
     (PID 1 in a container), it exits with status 128 + signum."""
     close_all_engines()
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
+    for folder in scratch:
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
     removed = sorted(temp_dirs(output) - temp_before)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)

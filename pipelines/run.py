@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -33,6 +35,8 @@ from beam_infer import (
     RunGpuInference,
     WriteDeadLetters,
     WritePredictions,
+    monitor,
+    report,
     resolve_task,
 )
 from beam_infer.budget import Budget, FailureBudget
@@ -44,10 +48,12 @@ from beam_infer.models import DEFAULT_IMG2IMG_MODEL, DEFAULT_MODEL, resolve_img2
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
-from pipelines import interrupt
+from pipelines import interrupt, progress
+from pipelines.console import configure_logging, first_error
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
 from pipelines.validate import UsageError, check_job, check_model_name, is_user_factory
 
+_LOG = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 64
 TASKS = ("classify", "img2img")
 ROWS = {"classify": "predictions", "img2img": "index"}  # the Parquet file prefix of each task's rows
@@ -101,6 +107,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     group = parser.add_argument_group("output")
     group.add_argument("--output", default="beam_infer_output", help="directory or URL for the Parquet files "
                                                                      "(and img2img's images/)")
+    group.add_argument("--report", help="write a report of the run: report.html (one self-contained page: summary, "
+                                        "records/s, stage timeline, queue fill, batch sizes, GPU, the bottleneck) "
+                                        "or report.json (the same data)")
+    group.add_argument("--progress", choices=progress.MODES, default="auto",
+                       help="live progress on stderr: a bar on a terminal, else (auto, log) a line every "
+                            "--progress-every seconds; off: none")
+    group.add_argument("--progress-every", type=float, default=10.0, metavar="SECONDS",
+                       help="seconds between progress lines when stderr is not a terminal (default 10)")
     group.add_argument("-v", "--verbose", action="count", default=0,
                        help="beam_infer's own logging: -v info, -vv debug (default: warnings only; Beam's own "
                             "loggers stay at warning)")
@@ -122,6 +136,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     args.model = args.model or DEFAULT_MODELS[args.task]
     if is_local(args.output):  # "--output=~/out" reaches us unexpanded; Beam's file sinks do not expand it
         args.output = os.path.expanduser(args.output)
+    if args.report:
+        args.report = os.path.expanduser(args.report)
     return args, beam_args
 
 
@@ -169,6 +185,22 @@ class Summary:
     @property
     def mean_batch_size(self) -> float:
         return self.get("batched_records") / self.get("batches") if self.get("batches") else 0.0
+
+    def fields(self, task: str, runner: str, model: str, config: EngineConfig, started: float) -> dict[str, Any]:
+        """The summary as the report's table."""
+        labelled = self.get("labelled")
+        return {
+            "task": task, "runner": runner, "started": report.started_at(started), "model": model,
+            "device": config.device, "dtype": config.dtype, "batch_size": config.batch_size,
+            "records": self.get("records"), "predictions": self.get("predictions"),
+            "dead_letters": self.get("dead_letters"), "seconds": round(self.seconds, 3),
+            "records_per_s": round(self.get("records") / self.seconds, 1) if self.seconds else None,
+            "engines": self.get("engines"), "batches": self.get("batches"),
+            "mean_batch_size": round(self.mean_batch_size, 1),
+            "top1_accuracy": round(self.get("top1_correct") / labelled, 4) if labelled else None,
+            **{f"busy_s_{stage}": round(self.get(f"busy_us_{stage}") / 1e6, 3) for stage in STAGES
+               if self.get(f"busy_us_{stage}")},
+        }
 
     def render(self, task: str, runner: str, model: str, config: EngineConfig, outputs: Sequence[str]) -> str:
         records = self.get("records")
@@ -253,23 +285,23 @@ def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     return args, beam_args, task, config
 
 
-def configure_logging(verbosity: int) -> None:
-    """Warnings only by default; -v: beam_infer's (and this job's) info, -vv: their debug. Beam's loggers stay at
-    warning, so its own chatter never drowns the job's."""
-    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
-    root = logging.getLogger()
-    if not root.handlers:  # a launcher that set up logging itself (Airflow, a notebook) keeps its handlers
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    root.setLevel(logging.WARNING)
-    for name in ("beam_infer", "pipelines"):
-        logging.getLogger(name).setLevel(level)
-    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+def write_report(args: argparse.Namespace, summary: Summary, runner: str, model: str, config: EngineConfig,
+                 telemetry_dir: str, start: float) -> None:
+    """Writes --report from the summary and the engines' telemetry; a report that cannot be written is a warning:
+    the job's outputs are already in place."""
+    try:
+        fields = summary.fields(args.task, runner, model, config, started=start)
+        logs = monitor.read_logs(telemetry_dir)
+        report.write(args.report, report.build(fields, logs, start, start + summary.seconds))
+    except Exception as e:  # noqa: BLE001
+        _LOG.warning("beam_infer: could not write the report %s: %r", args.report, e)
 
 
 def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
-    """Runs the job that `argv` describes and prints its summary. As the command (`command=True`), it also sets up
-    logging (-v) and turns Ctrl-C and SIGTERM into a quick, clean stop (pipelines/interrupt.py); a program that
-    calls main() (Airflow, a notebook, the tests) keeps its own logging and signal handling."""
+    """Runs the job that `argv` describes, showing its progress, and prints its summary (and writes its report).
+    As the command (`command=True`), it also sets up logging (-v) and turns Ctrl-C and SIGTERM into a quick, clean
+    stop (pipelines/interrupt.py); a program that calls main() (Airflow, a notebook, the tests) keeps its own
+    logging and signal handling."""
     try:
         args, beam_args, task, config = checked_job(argv)
     except UsageError as e:
@@ -278,27 +310,41 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
     if command:
         configure_logging(args.verbose)
     options = PipelineOptions([f"--runner={args.runner}", *beam_args])
+    runner = options.view_as(StandardOptions).runner
     log_dataflow_job_id(args.runner)
-    sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_") if args.input is None else None
+    sample_dir = telemetry_dir = None
     temp_before = interrupt.temp_dirs(args.output) if command else set()
     try:
+        sample_dir = tempfile.mkdtemp(prefix="beam_infer_sample_") if args.input is None else None
+        telemetry_dir = tempfile.mkdtemp(prefix="beam_infer_telemetry_")  # the engines' samples (local workers)
+        config = dataclasses.replace(config, telemetry_dir=telemetry_dir)
+        scratch = (sample_dir, telemetry_dir)
         with interrupt.stopping_on_signals() if command else contextlib.nullcontext([]) as signals:
             try:
                 source = args.input if args.input is not None else write_sample(sample_dir, args.sample_size)
-                summary = run_job(options, source, task, config, args.output,
-                                  Budget(args.max_dead_letters, args.max_dead_letter_fraction),
-                                  chunk_size=args.chunk_size, rows=ROWS[args.task])
+                total = progress.input_total(args.input, args.sample_size)
+                with progress.Progress(telemetry_dir, total, args.progress, args.progress_every) as shown:
+                    summary = run_job(options, source, task, config, args.output,
+                                      Budget(args.max_dead_letters, args.max_dead_letter_fraction),
+                                      chunk_size=args.chunk_size, rows=ROWS[args.task])
+                    shown.finish(summary.get("records"))
             except BaseException as e:
                 if signals:  # Ctrl-C or SIGTERM, wherever Beam wrapped its KeyboardInterrupt: ends the process
-                    interrupt.stop_after(signals[0], args.output, temp_before, e, sample_dir)
+                    interrupt.stop_after(signals[0], args.output, temp_before, e, scratch)
+                if command and isinstance(e, Exception) and not args.verbose:
+                    print(f"beam_infer: error: the job failed: {first_error(e)}\n(-v shows where)", file=sys.stderr)
+                    raise SystemExit(1) from None
                 raise
             if signals:  # one came as the job was ending: the process still ends by it
-                interrupt.stop_after(signals[0], args.output, temp_before, KeyboardInterrupt(), sample_dir)
+                interrupt.stop_after(signals[0], args.output, temp_before, KeyboardInterrupt(), scratch)
+        if args.report:
+            write_report(args, summary, runner, task.name, config, telemetry_dir, shown.start)
     finally:
-        if sample_dir:
-            shutil.rmtree(sample_dir, ignore_errors=True)
-    print(summary.render(args.task, options.view_as(StandardOptions).runner, task.name, config,
-                         output_files(args.task, args.output)))
+        for folder in (sample_dir, telemetry_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+    outputs = output_files(args.task, args.output) + ([args.report] if args.report else [])
+    print(summary.render(args.task, runner, task.name, config, outputs))
     return summary
 
 

@@ -27,6 +27,7 @@ from beam_infer.runners import _DIRECT_NAMES
 from pipelines.dataflow import DATAFLOW_RUNNERS  # its paths are checked there: local ones are refused
 
 _GLOB_CHARS = "*?["
+REPORT_SUFFIXES = (".html", ".json")
 
 
 class UsageError(Exception):
@@ -40,6 +41,8 @@ def check_job(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown --dtype {args.dtype!r}: auto, {', '.join(_DTYPES)}")
     if args.runner in _DIRECT_NAMES:
         check_device(args.device, args.dtype)
+    if getattr(args, "report", None):
+        check_report(args.report)
     if args.runner.lower() in DATAFLOW_RUNNERS:
         return
     if args.input is not None:
@@ -55,6 +58,8 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "progress_every", 1) <= 0:
+        raise UsageError(f"--progress-every must be positive, got {args.progress_every}")
     if args.max_dead_letters is not None and args.max_dead_letters < 0:
         raise UsageError(f"--max-dead-letters must be 0 or more, got {args.max_dead_letters}")
     fraction = args.max_dead_letter_fraction
@@ -172,6 +177,17 @@ def check_output(output: str) -> None:
         raise UsageError(f"--output {output}: cannot write there ({existing} is not a folder)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--output {output}: cannot write there ({existing} is not writable)")
+
+
+def check_report(path: str) -> None:
+    """--report names a local .html or .json file in an existing, writable folder (the launcher writes it)."""
+    if not path.lower().endswith(REPORT_SUFFIXES):
+        raise UsageError(f"--report {path}: name a {' or '.join(REPORT_SUFFIXES)} file")
+    if not is_local(path):
+        raise UsageError(f"--report {path}: the report is written on this machine: name a local file")
+    folder = os.path.dirname(os.path.abspath(os.path.expanduser(path)))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"--report {path}: cannot write there ({folder} is not a writable folder)")
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,6 +23,7 @@ class Stats:
         self._totals: list[dict[str, float]] = []  # one per thread; only that thread writes it
         self._taken: dict[str, float] = {}
         self._batch_sizes: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self.batch_size_counts: dict[int, int] = {}  # every batch run so far: size -> batches (the unload thread's)
 
     def busy(self, stage: str, seconds: float) -> None:
         totals = self._thread_totals()
@@ -43,14 +44,25 @@ class Stats:
 
     def batch(self, size: int) -> None:
         self._batch_sizes.put(size)
+        self.batch_size_counts[size] = self.batch_size_counts.get(size, 0) + 1
+
+    def totals(self) -> dict[str, float]:
+        """Busy seconds per stage since the engine started (a telemetry sample; `take` is not affected)."""
+        with self._lock:
+            return self._sum()
+
+    def _sum(self, counts: bool = False) -> dict[str, float]:
+        """The threads' totals summed; event counts too when `counts`. Called with the lock held."""
+        now: dict[str, float] = {}
+        for totals in self._totals:
+            for stage, seconds in list(totals.items()):  # one C call: a consistent snapshot under the GIL
+                now[stage] = now.get(stage, 0.0) + seconds
+        return now if counts else {k: v for k, v in now.items() if not k.startswith(_COUNT)}
 
     def take(self) -> tuple[dict[str, float], list[int], dict[str, int]]:
         """(busy seconds per stage, batch sizes, counts per name) since the last take."""
         with self._lock:
-            now: dict[str, float] = {}
-            for totals in self._totals:
-                for stage, seconds in list(totals.items()):  # one C call: a consistent snapshot under the GIL
-                    now[stage] = now.get(stage, 0.0) + seconds
+            now = self._sum(counts=True)
             busy = {stage: seconds - self._taken.get(stage, 0.0) for stage, seconds in now.items()}
             self._taken = now
         sizes = []

@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from beam_infer.config import EngineConfig
-from beam_infer.engine.accounting import Stats
+from beam_infer.engine.accounting import Stats, Tally
 from beam_infer.engine.chunks import RowLimits
 from beam_infer.engine.errors import EngineError, EngineFatalError, EngineStateError
 from beam_infer.engine.health import WAKE, bundle_asked_after_fault, process_fault
 from beam_infer.engine.results import Result
 from beam_infer.engine.run import DEVICE_THREADS, HEALTH_CHECK_S, Item, Run
 from beam_infer.engine.streams import Streams
+from beam_infer.engine.telemetry import start_sampler
 from beam_infer.task import InferenceTask, Record
 
 _LOG = logging.getLogger(__name__)
@@ -141,6 +142,8 @@ class Engine:
         self.streams = Streams(self.device, timing=config.trace_events)
         self.row_limits = RowLimits()  # most rows per call, per stage, after CUDA out-of-memory errors
         self.stats = Stats()
+        self.finished = Tally()  # records returned to their bundle, every run
+        self.failed = Tally()  # of them, those with a failure (dead letters)
         # (batch, stage, start, end) timed events with trace_events, a bounded ring
         self.trace: collections.deque[tuple[int, str, Any, Any]] = collections.deque(maxlen=_TRACE_KEPT)
         self._batch_numbers = itertools.count()
@@ -149,6 +152,9 @@ class Engine:
         self._run: Run | None = None
         self.runs_started = 0
         _LIVE_ENGINES.add(self)
+        directory = config.telemetry_dir
+        self._sampler = start_sampler(self, directory, config.telemetry_interval_s) if (
+            directory and os.path.isdir(directory)) else None  # a remote worker lacks the launcher's directory
         _LOG.info("beam_infer engine started: model %s on %s (%s) in process %d", task.name, self.device,
                   self.dtype, os.getpid())
 
@@ -175,10 +181,16 @@ class Engine:
             self._users = 0
             if self._run is not None:
                 self._stop(exiting=True)
+            if self._sampler is not None:
+                self._sampler.close()
 
     @property
     def running(self) -> bool:
         return self._run is not None
+
+    @property
+    def current_run(self) -> Run | None:
+        return self._run
 
     def open_bundle(self) -> Bundle:
         """A bundle in the current run; after a failure that was not a device fault, in a fresh run.
@@ -221,6 +233,8 @@ class Engine:
         doomed = _interrupted or process_fault() is not None
         timeout_s = 0.0 if doomed else self.config.stop_timeout_s
         stuck = run.stop(timeout_s)
+        if self._sampler is not None and not _interrupted:
+            self._sampler.sample_now(gpu=not doomed)
         if not stuck or _interrupted:  # daemon threads: they end with the process, which is ending by request
             return
         message = (f"engine threads of {self.task.name} did not stop within {timeout_s:.1f}s and are left "

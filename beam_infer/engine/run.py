@@ -83,6 +83,7 @@ class Run:
         self._config = c
         self._streams = engine.streams
         self._stats = engine.stats
+        self._finished, self._failed = engine.finished, engine.failed
         self.health = RunHealth(f"beam_infer engine for {self._task.name} on {engine.device}")
         self._lock = threading.Lock()
         self._room: queue.SimpleQueue = queue.SimpleQueue()  # one token per record that may be in flight
@@ -281,6 +282,19 @@ class Run:
         item.done = True
         item.outbox.put(item.result)
         self._room.put(None)
+        self._finished.add()
+        if failure is not None:
+            self._failed.add()
+
+    def occupancy(self) -> dict[str, int]:
+        """Where the run's records are at this moment (a telemetry sample; read without a lock, so approximate):
+        in flight (submitted, not returned), upstream (in fetch or decode), ready (decoded, waiting to be batched),
+        batches waiting for the forward and for the D2H wait, calls waiting for a pool's thread."""
+        return {"in_flight": self._config.in_flight_limit - self._room.qsize(),
+                "upstream": self._submitted.value - self._left.value, "ready": self._ready.qsize(),
+                "to_forward": self._to_forward.qsize(), "to_unload": self._to_unload.qsize(),
+                "decode_backlog": _backlog(self._decode_pool), "fetch_backlog": _backlog(self._fetch_pool),
+                "postprocess_backlog": _backlog(self._post_pool), "remote": self._remote is not None}
 
     @contextlib.contextmanager
     def draining_bundle(self) -> Iterator[None]:
@@ -673,6 +687,10 @@ def _numeric_array(value: Any) -> np.ndarray:
     if not array.dtype.isnative:  # big-endian, say: torch takes native byte order only
         array = array.astype(array.dtype.newbyteorder("="))
     return array
+
+
+def _backlog(pool: Workers | None) -> int:
+    return pool.backlog if pool is not None else 0
 
 
 def _release(leases: list[Lease], streams: Any = None, stream: Any = None) -> None:

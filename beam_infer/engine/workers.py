@@ -37,6 +37,11 @@ class Workers:
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         self._queue.put((fn, args))
 
+    @property
+    def backlog(self) -> int:
+        """Calls waiting for a thread (approximate)."""
+        return self._queue.qsize()
+
     def _run(self) -> None:
         while (call := self._queue.get()) is not _STOP:
             fn, args = call

@@ -30,7 +30,9 @@ SPARK_VERSION = "3.5.0"
 START_TIMEOUT_S = 180  # two JVMs on a loaded 2-core machine
 CORES = 2
 WORKER_MEMORY = "2g"  # the worker's to give; an executor takes spark.executor.memory (default 1g) of it
-MAX_TASK_FAILURES = 4  # spark.task.maxFailures: a task is tried this often before its job fails (Spark's default)
+# spark.task.maxFailures: a task is tried this often before its job fails (Spark's default is 4): 2 retries a killed
+# worker's task once and keeps the dying-workers test short
+MAX_TASK_FAILURES = 2
 
 
 class Unavailable(RuntimeError):

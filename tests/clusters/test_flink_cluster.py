@@ -160,7 +160,7 @@ def test_a_job_whose_workers_keep_dying_fails_with_a_clear_error(cluster, marks,
     job = cluster.jobs()[0]
     assert job["state"] == "FAILED"
     failures = cluster.failures(job["jid"])
-    assert len(failures) == RESTART_ATTEMPTS + 1, failures  # each attempt's worker died; Flink gave up after 3 restarts
+    assert len(failures) == RESTART_ATTEMPTS + 1, failures  # every attempt's worker died, then Flink gave up
     print(f"\nflink dying workers: failed after {time.monotonic() - start:.0f}s and {RESTART_ATTEMPTS} restarts: "
           f"{str(error.value)[:300]}; failures: {failures}")
 

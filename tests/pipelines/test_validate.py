@@ -206,3 +206,21 @@ def test_help_groups_the_options(capsys):
     positions = [text.index(f"\n{group}:") for group in ("input", "model", "engine", "output", "failure budget",
                                                         "runner")]
     assert positions == sorted(positions)
+
+
+def test_a_report_that_is_neither_html_nor_json(capsys, tmp_path, out):
+    assert refused(capsys, ["--output", out, "--report", str(tmp_path / "r.txt")]) == (
+        f"--report {tmp_path / 'r.txt'}: name a .html or .json file")
+
+
+def test_a_report_in_a_missing_folder(capsys, tmp_path, out):
+    assert refused(capsys, ["--output", out, "--report", str(tmp_path / "no" / "r.html")]) == (
+        f"--report {tmp_path / 'no' / 'r.html'}: cannot write there ({tmp_path / 'no'} is not a writable folder)")
+
+
+def test_a_remote_report(capsys, out):
+    assert "the report is written on this machine" in refused(capsys, ["--output", out, "--report", "gs://b/r.html"])
+
+
+def test_a_progress_interval_that_is_not_positive(capsys, out):
+    assert refused(capsys, ["--output", out, "--progress-every", "0"]) == "--progress-every must be positive, got 0.0"

@@ -1,0 +1,150 @@
+"""The engine's telemetry: every `telemetry_interval_s`, one JSON line of its progress, stage busy time and queue
+fill, appended to a file of its own in `EngineConfig.telemetry_dir`, for the launcher's progress line and report
+(beam_infer/monitor.py reads them).
+
+A file starts with a header line (what the engine is: process, device, thread counts); each later line is a
+sample of running totals (records finished, dead letters, busy seconds per stage, batches) and of the moment
+(records in flight, queue lengths, GPU utilisation and memory on CUDA). Totals, not rates: a reader computes
+rates over any interval, and a lost line loses nothing. The sampler reads counters the stage threads keep
+anyway; the stage threads do no extra work for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, TextIO
+
+import torch
+
+if TYPE_CHECKING:
+    from beam_infer.engine.engine import Engine
+
+_LOG = logging.getLogger(__name__)
+FILE_PREFIX = "engine-"
+FILE_SUFFIX = ".jsonl"
+_numbers = itertools.count()  # engines of this process: an id() could be reused by a later engine
+
+
+def start_sampler(engine: Engine, directory: str, interval_s: float) -> Sampler | None:
+    """A Sampler for `engine`, or None (with a warning) where the file cannot be made: the job runs without."""
+    try:
+        return Sampler(engine, directory, interval_s)
+    except Exception as e:  # noqa: BLE001 - an unwritable folder, one removed meanwhile
+        _LOG.warning("beam_infer: no telemetry in %s: %r", directory, e)
+        return None
+
+
+class Sampler:
+    """Writes `engine`'s samples to `<directory>/engine-<pid>-<n>.jsonl` from a daemon thread, until the engine
+    is gone, `close` is called or the directory is removed (the launcher's job is over)."""
+
+    def __init__(self, engine: Engine, directory: str, interval_s: float) -> None:
+        self._engine = weakref.ref(engine)  # the sampler does not keep an engine alive
+        self._directory = directory
+        self._interval_s = interval_s
+        self._lock = threading.Lock()  # one writer at a time: the thread, or sample_now()
+        self._closed = threading.Event()
+        self._file: TextIO | None = open(  # noqa: SIM115 - closed by the thread
+            os.path.join(directory, f"{FILE_PREFIX}{os.getpid()}-{next(_numbers)}{FILE_SUFFIX}"), "a")
+        self._gpu = _GpuGauges(engine.device)
+        self._write(header(engine))
+        self._thread = threading.Thread(target=self._loop, name="beam_infer-telemetry", daemon=True)
+        self._thread.start()
+
+    def sample_now(self, gpu: bool = True) -> None:
+        """Writes a sample at once (a run just stopped: the launcher sees its last records without waiting); without
+        the GPU's gauges when `gpu` is False (after a device fault NVML may block). Never raises: telemetry must not
+        disturb the engine."""
+        engine = self._engine()
+        if engine is None:
+            return
+        try:
+            self._write(sample(engine, self._gpu if gpu else None))
+        except Exception as e:  # noqa: BLE001
+            _LOG.warning("beam_infer: telemetry sample failed: %r", e)
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _loop(self) -> None:
+        try:
+            while not self._closed.wait(self._interval_s):
+                if not os.path.isdir(self._directory):
+                    break
+                self.sample_now()
+                if self._engine() is None:
+                    break
+        finally:
+            with self._lock:
+                if self._file is not None:
+                    self._file.close()
+                    self._file = None
+
+    def _write(self, line: dict[str, Any]) -> None:
+        with self._lock:
+            if self._file is None:
+                return
+            try:
+                self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+                self._file.flush()
+            except (OSError, ValueError) as e:  # a full disk: no telemetry, the job goes on
+                _LOG.warning("beam_infer: telemetry stopped: %r", e)
+                self._file = None
+
+
+def header(engine: Engine) -> dict[str, Any]:
+    c = engine.config
+    return {"header": True, "t": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
+            "task": engine.task.name, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
+            "batch_size": c.batch_size, "in_flight_limit": c.in_flight_limit, "interval_s": c.telemetry_interval_s,
+            "threads": {"decode": c.decode_pool_size, "fetch": c.fetch_threads, "remote": c.fetch_concurrency,
+                        "postprocess": c.postprocess_threads}}
+
+
+def sample(engine: Engine, gpu: _GpuGauges | None = None) -> dict[str, Any]:
+    """The engine's running totals and its queues at this moment."""
+    stats = engine.stats
+    line: dict[str, Any] = {
+        "t": time.time(), "records": engine.finished.value, "dead_letters": engine.failed.value,
+        "busy": {stage: round(seconds, 6) for stage, seconds in stats.totals().items()},
+        "batch_sizes": dict(stats.batch_size_counts), "runs": engine.runs_started,
+    }
+    run = engine.current_run
+    line["queues"] = run.occupancy() if run is not None else {}
+    if gpu is not None:
+        line.update(gpu.read())
+    return line
+
+
+class _GpuGauges:
+    """The device's utilisation (NVML, through torch.cuda.utilization) and memory, on CUDA; nothing elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device if device.type == "cuda" else None
+        self._utilization = self._device is not None
+
+    def read(self) -> dict[str, Any]:
+        if self._device is None:
+            return {}
+        out: dict[str, Any] = {}
+        if self._utilization:
+            try:
+                out["gpu_util"] = torch.cuda.utilization(self._device)
+            except Exception as e:  # noqa: BLE001 - no NVML (nvidia-ml-py) here: memory only
+                _LOG.info("beam_infer: no GPU utilisation in telemetry: %r", e)
+                self._utilization = False
+        try:
+            free, total = torch.cuda.mem_get_info(self._device)
+            out["gpu_mem"] = total - free
+            out["gpu_mem_total"] = total
+            out["gpu_allocated"] = torch.cuda.memory_allocated(self._device)
+        except Exception:  # noqa: BLE001 - a device in trouble: the engine reports that itself
+            self._device = None
+        return out
