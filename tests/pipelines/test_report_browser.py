@@ -11,7 +11,7 @@ from PIL import Image
 
 from beam_infer.report import COLORS
 from pipelines import run
-from tests.browser import find_chromium, load, screenshot
+from tests.browser import find_chromium, load
 
 pytestmark = pytest.mark.timeout(180)
 REQUIRE_BROWSER = "BEAM_INFER_REQUIRE_BROWSER"
@@ -39,7 +39,8 @@ def test_report_of_the_builtin_sample_renders_its_charts_in_chromium(chromium, t
     report = tmp_path / "report.html"
     run.main(["--output", str(tmp_path / "out"), "--sample-size", "1500", "--report", str(report),
               "--progress", "off"])
-    dom, console = load(chromium, str(report), NO_NETWORK)
+    png = tmp_path / "report.png"
+    dom, console = load(chromium, str(report), NO_NETWORK, f"--screenshot={png}", "--window-size=900,2300")
     assert console == []
     charts = re.findall(r"<svg class=\"chart\".*?</svg>", dom, flags=re.S)
     assert len(charts) >= 5, dom[:2000]
@@ -47,8 +48,6 @@ def test_report_of_the_builtin_sample_renders_its_charts_in_chromium(chromium, t
     assert lines and max(len(points.split()) for points in lines) >= 2  # a line, not a dot
     assert "1,500" in dom and "id=\"verdict\"" in dom
 
-    png = tmp_path / "report.png"
-    assert screenshot(chromium, str(report), str(png)) == []
     pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 50  # not blank
     blue = np.array([int(COLORS[0][i:i + 2], 16) for i in (1, 3, 5)])
