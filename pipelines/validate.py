@@ -13,6 +13,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import re
 import zipfile
 
 import pyarrow.csv as pa_csv
@@ -28,6 +29,7 @@ from pipelines.dataflow import DATAFLOW_RUNNERS  # its paths are checked there: 
 
 _GLOB_CHARS = "*?["
 REPORT_SUFFIXES = (".html", ".json")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class UsageError(Exception):
@@ -191,5 +193,5 @@ def check_report(path: str) -> None:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
+    text = _ANSI.sub("", str(error)).strip().splitlines()  # torch bolds parts of its messages for a terminal
     return text[0] if text else type(error).__name__

@@ -90,6 +90,11 @@ def resolve_task(spec: str = DEFAULT_MODEL, top_k: int = 3, decode: str = "cpu")
         return shapes_classifier(top_k, decode)
     prefix, _, name = spec.partition(":")
     if prefix == "torchvision" and name:
+        import torchvision
+
+        if name not in torchvision.models.list_models():
+            raise ValueError(f"unknown --model {spec!r}: torchvision {torchvision.__version__} has no model {name!r} "
+                             "(see torchvision.models.list_models())")
         return image_classifier(f"torchvision:{name}", _TorchvisionModel(name),
                                 [f"class_{i}" for i in range(1000)], image_size=224, top_k=top_k, decode=decode)
     if prefix and name:

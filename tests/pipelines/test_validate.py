@@ -224,3 +224,8 @@ def test_a_remote_report(capsys, out):
 
 def test_a_progress_interval_that_is_not_positive(capsys, out):
     assert refused(capsys, ["--output", out, "--progress-every", "0"]) == "--progress-every must be positive, got 0.0"
+
+
+def test_an_unknown_torchvision_model(capsys, out):
+    assert refused(capsys, ["--output", out, "--model", "torchvision:resnet9000"]).startswith(
+        "unknown --model 'torchvision:resnet9000': torchvision ")
