@@ -50,6 +50,7 @@ class EngineLog:
         self.header = header
         self.samples = [{"t": header["t"], "records": 0, "dead_letters": 0, "busy": {}, "queues": {}}]
         self.times = [header["t"]]
+        self._remote = False
         self.extend(samples)
 
     def extend(self, samples: Iterable[dict[str, Any]]) -> None:
@@ -57,11 +58,13 @@ class EngineLog:
             if sample["t"] >= self.times[-1]:
                 self.samples.append(sample)
                 self.times.append(sample["t"])
+                self._remote = self._remote or bool((sample.get("queues") or {}).get("remote"))
 
     @property
     def remote(self) -> bool:
-        """Whether the engine read or wrote remote URLs (through remote I/O's requests, not its thread pools)."""
-        return bool(self.samples[-1].get("queues", {}).get("remote"))
+        """Whether the engine read or wrote remote URLs (through remote I/O's requests, not its thread pools), in
+        any sample so far."""
+        return self._remote
 
     @property
     def cuda(self) -> bool:

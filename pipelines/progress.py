@@ -87,17 +87,26 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        if self._mode != "off":
-            self._thread.join()
-            self._logging.__exit__(*exc)
-        if exc[0] is None and self._mode != "off":  # the job's end, by Beam's count where finish() gave it
+        try:
+            if self._mode != "off":
+                self._thread.join()
+                if exc[0] is None:  # the job's end, by Beam's count where finish() gave it
+                    self._show_end()
+        finally:
+            if self._mode != "off":
+                self._logging.__exit__(*exc)
+            if self._bar is not None:
+                self._bar.close()
+
+    def _show_end(self) -> None:
+        try:
             logs = self._reader.read()
-            if self._mode == "bar":
-                self._show_bar(logs, time.time())
-            elif self._lines and logs:  # a job that printed progress ends its lines at its end
-                self._print(logs)
-        if self._bar is not None:
-            self._bar.close()
+        except OSError:  # the progress is a nicety: the job has succeeded
+            return
+        if self._mode == "bar":
+            self._show_bar(logs, time.time())
+        elif self._lines and logs:  # a job that printed progress ends its lines at its end
+            self._print(logs)
 
     def _loop(self) -> None:
         every = _BAR_REFRESH_S if self._mode == "bar" else self._every_s

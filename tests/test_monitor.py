@@ -12,13 +12,13 @@ THREADS = {"decode": 4, "fetch": 16, "remote": 256, "postprocess": 2}
 
 
 def engine_log(seconds: int, per_s: float, busy_per_s: dict[str, float], in_flight: int, t0: float = 1000.0,
-               limit: int = 256, device: str = "cpu", **gauges) -> EngineLog:
+               limit: int = 256, device: str = "cpu", remote: bool = False, **gauges) -> EngineLog:
     """An engine alive from t0 for `seconds`, finishing `per_s` records a second, its stages busy as given."""
     header = {"header": True, "t": t0, "threads": THREADS, "in_flight_limit": limit, "interval_s": 1.0,
               "device": device, "dtype": "float32"}
     samples = [{"t": t0 + i, "records": per_s * i, "dead_letters": i // 2,
                 "busy": {stage: s * i for stage, s in busy_per_s.items()},
-                "queues": {"in_flight": in_flight, "ready": 3, "remote": False}, **gauges}
+                "queues": {"in_flight": in_flight, "ready": 3, "remote": remote}, **gauges}
                for i in range(1, seconds + 1)]
     return EngineLog(header, samples)
 
@@ -103,9 +103,9 @@ def test_gpu_utilisation_is_the_windows_mean_not_its_peak():
 
 
 def test_remote_reads_are_their_own_pool_not_the_decode_pools():
-    log = engine_log(10, 100, {"fetch": 0.6 * 256, "preprocess": 0.4 * 4, "forward": 0.2}, in_flight=250)
-    for sample in log.samples[1:]:
-        sample["queues"]["remote"] = True
+    log = engine_log(10, 100, {"fetch": 0.6 * 256, "preprocess": 0.4 * 4, "forward": 0.2}, in_flight=250,
+                     remote=True)
+    log.extend([{**log.samples[-1], "t": 1010.5, "queues": {}}])  # the last sample, of a stopped run
     load = monitor.window([log], 1000.0, 1010.0).load()
     assert load["fetch"] == pytest.approx(0.6) and load["decode"] == pytest.approx(0.4)
     assert monitor.window([log], 1000.0, 1010.0).bottleneck() == "fetch"

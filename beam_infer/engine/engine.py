@@ -234,9 +234,12 @@ class Engine:
         # The process exits soon (a device fault, a signal): a teardown must not hold the exit up.
         doomed = _interrupted or process_fault() is not None
         timeout_s = 0.0 if doomed else self.config.stop_timeout_s
-        stuck = run.stop(timeout_s)
-        if self._sampler is not None:
-            self._sampler.stop(final=not _interrupted, gpu=not doomed)
+        stuck = None
+        try:
+            stuck = run.stop(timeout_s)
+        finally:
+            if self._sampler is not None:  # no NVML call where the device may be lost or a thread is stuck in it
+                self._sampler.stop(final=not _interrupted, gpu=not doomed and stuck == [], run=run)
         if not stuck or _interrupted:  # daemon threads: they end with the process, which is ending by request
             return
         message = (f"engine threads of {self.task.name} did not stop within {timeout_s:.1f}s and are left "

@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
+from beam_infer.engine.health import process_fault
+
 if TYPE_CHECKING:
     from beam_infer.engine.engine import Engine
+    from beam_infer.engine.run import Run
 
 _LOG = logging.getLogger(__name__)
 FILE_PREFIX = "engine-"
@@ -58,43 +61,59 @@ class Sampler:
         self._gpu = _GpuGauges(engine.device)
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._gpu_ok = True  # False once a stop said the device may be lost
         self._write(header(engine))
 
     def start(self) -> None:
         """The engine started a run: samples every interval until `stop`."""
-        if self._thread is None and self._file is not None:
-            self._stopped = threading.Event()
-            self._thread = threading.Thread(target=self._loop, args=(self._stopped,), name="beam_infer-telemetry",
-                                            daemon=True)
-            self._thread.start()
+        if self._thread is not None or self._file is None:
+            return
+        stopped = threading.Event()
+        thread = threading.Thread(target=self._loop, args=(stopped,), name="beam_infer-telemetry", daemon=True)
+        try:
+            thread.start()
+        except Exception as e:  # noqa: BLE001 - no thread to be had: the run goes on without samples
+            _LOG.warning("beam_infer: no telemetry thread: %r", e)
+            return
+        self._stopped, self._thread = stopped, thread
 
-    def stop(self, final: bool = True, gpu: bool = True) -> None:
-        """The engine's run stopped: the thread ends, and, when `final`, a last sample is written (the launcher
-        sees the run's last records without waiting), without the GPU's gauges when not `gpu` (after a device
-        fault NVML may block)."""
+    def stop(self, final: bool = True, gpu: bool = True, run: Run | None = None) -> None:
+        """The engine's run stopped: the thread ends, and, when `final`, a last sample is written (of `run`'s
+        queues; the launcher sees the run's last records without waiting). Without `gpu` (a device fault, a stuck
+        thread) no GPU gauge is read from now on: NVML may block on a lost device."""
+        self._stopped.set()
         thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stopped.set()
+        if not gpu:
+            self._gpu_ok = False
+        if thread is not None and thread.is_alive():
             thread.join(_JOIN_S)  # a sample in progress; NVML on a lost GPU could block longer: a daemon thread
         if final:
-            self.sample_now(gpu)
+            self.sample_now(run)
 
     def close(self) -> None:
         self.stop(final=False)
+        self._close_file()
+
+    def sample_now(self, run: Run | None = None) -> None:
+        """Writes a sample at once, unless the launcher's folder is gone (then the file is closed). Never raises:
+        telemetry must not disturb the engine."""
+        engine = self._engine()
+        if engine is None:
+            return
+        if not os.path.isdir(self._directory):
+            self._close_file()
+            return
+        try:
+            gpu = self._gpu if self._gpu_ok and process_fault() is None else None
+            self._write(sample(engine, gpu, run))
+        except Exception as e:  # noqa: BLE001
+            _LOG.warning("beam_infer: telemetry sample failed: %r", e)
+
+    def _close_file(self) -> None:
         with self._lock:
             if self._file is not None:
                 self._file.close()
                 self._file = None
-
-    def sample_now(self, gpu: bool = True) -> None:
-        """Writes a sample at once. Never raises: telemetry must not disturb the engine."""
-        engine = self._engine()
-        if engine is None or not os.path.isdir(self._directory):
-            return
-        try:
-            self._write(sample(engine, self._gpu if gpu else None))
-        except Exception as e:  # noqa: BLE001
-            _LOG.warning("beam_infer: telemetry sample failed: %r", e)
 
     def _loop(self, stopped: threading.Event) -> None:
         while not stopped.wait(self._interval_s) and self._engine() is not None:
@@ -121,15 +140,15 @@ def header(engine: Engine) -> dict[str, Any]:
                         "postprocess": c.postprocess_threads}}
 
 
-def sample(engine: Engine, gpu: _GpuGauges | None = None) -> dict[str, Any]:
-    """The engine's running totals and its queues at this moment."""
+def sample(engine: Engine, gpu: _GpuGauges | None = None, run: Run | None = None) -> dict[str, Any]:
+    """The engine's running totals and the queues of `run` (default: its current run) at this moment."""
     stats = engine.stats
     line: dict[str, Any] = {
         "t": time.time(), "records": engine.finished.value, "dead_letters": engine.failed.value,
         "busy": {stage: round(seconds, 6) for stage, seconds in stats.totals().items()},
         "batch_sizes": dict(stats.batch_size_counts), "runs": engine.runs_started,
     }
-    run = engine.current_run
+    run = run or engine.current_run
     line["queues"] = run.occupancy() if run is not None else {}
     if gpu is not None:
         line.update(gpu.read())

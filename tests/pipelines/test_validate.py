@@ -229,3 +229,19 @@ def test_a_progress_interval_that_is_not_positive(capsys, out):
 def test_an_unknown_torchvision_model(capsys, out):
     assert refused(capsys, ["--output", out, "--model", "torchvision:resnet9000"]).startswith(
         "unknown --model 'torchvision:resnet9000': torchvision ")
+
+
+def test_bfloat16_on_a_gpu_without_it(capsys, out, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    assert refused(capsys, ["--device", "cuda", "--dtype", "bfloat16", "--output", out]) == (
+        "--dtype bfloat16: Tesla T4 does not support it; use float16 or float32")
+
+
+def test_an_output_folder_without_write_permission(capsys, tmp_path, monkeypatch):
+    # As root every folder is writable: os.access says what it would say to another user.
+    monkeypatch.setattr(validate.os, "access", lambda path, mode: False)
+    assert refused(capsys, ["--output", str(tmp_path / "out")]) == (
+        f"--output {tmp_path / 'out'}: cannot write there ({tmp_path} is not writable)")
