@@ -58,6 +58,13 @@ class EngineConfig:
             line and report (beam_infer/monitor.py). Written only where the directory exists: on workers that
             share the launcher's file system (DirectRunner, a LOOPBACK environment), not on remote ones.
         telemetry_interval_s: seconds between two samples.
+        max_tokens: for a task with variable-length inputs (InferenceTask.pad_value), the most padded elements in
+            a batch: its records times its longest input rounded up to `pad_multiple` (a record longer than that
+            goes alone). 0: batches are bounded by batch_size only.
+        bucket_batches: for such a task, how many batches' worth of ready records (bucket_batches x batch_size)
+            the batch thread holds to group records of similar length; 1 batches in arrival order. The automatic
+            max_in_flight grows by the window.
+        pad_multiple: a batch of variable-length inputs pads to its longest, rounded up to a multiple of this.
     """
 
     batch_size: int = 64
@@ -81,12 +88,15 @@ class EngineConfig:
     gil_switch_interval_s: float = 0.001
     telemetry_dir: str | None = None
     telemetry_interval_s: float = 0.5
+    max_tokens: int = 0
+    bucket_batches: int = 16
+    pad_multiple: int = 8
 
     def __post_init__(self) -> None:
         if self.decode_threads < 0:
             raise ValueError(f"EngineConfig.decode_threads must be 0 (automatic) or more, got {self.decode_threads}")
         for name in ("batch_size", "fetch_threads", "postprocess_threads", "host_buffers", "fetch_concurrency",
-                     "fetch_max_bytes", "io_attempts"):
+                     "fetch_max_bytes", "io_attempts", "bucket_batches", "pad_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_in_flight < 0:
@@ -95,6 +105,11 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.max_in_flight ({self.max_in_flight}) must be 0 (automatic: four batches) "
                              f"or at least batch_size ({self.batch_size}): with fewer records in flight no batch "
                              f"can fill, and each would wait max_batch_wait_s")
+        if self.max_tokens < 0:
+            raise ValueError(f"EngineConfig.max_tokens must be 0 (no budget) or more, got {self.max_tokens}")
+        if 0 < self.max_tokens < self.pad_multiple:
+            raise ValueError(f"EngineConfig.max_tokens ({self.max_tokens}) must be 0 or at least pad_multiple "
+                             f"({self.pad_multiple}): every batch pads to at least one multiple")
         if self.stop_timeout_s < 0:
             raise ValueError(f"EngineConfig.stop_timeout_s must not be negative, got {self.stop_timeout_s}")
         if self.gil_switch_interval_s < 0:
@@ -134,4 +149,12 @@ class EngineConfig:
 
     @property
     def in_flight_limit(self) -> int:
+        """Records in flight for a task of fixed-size inputs: max_in_flight, or four batches."""
         return self.max_in_flight or 4 * self.batch_size
+
+    def in_flight_limit_for(self, variable_length: bool) -> int:
+        """Records in flight: max_in_flight, or four batches plus, for variable-length inputs, the bucketing
+        window (bucket_batches batches), so that a full window leaves the device its four batches."""
+        if self.max_in_flight or not variable_length or self.bucket_batches == 1:
+            return self.in_flight_limit
+        return (4 + self.bucket_batches) * self.batch_size

@@ -39,6 +39,9 @@ class _GpuInferenceDoFn(beam.DoFn):
         self._task = task
         self._config = config
         self._shared = Shared()  # one engine per worker process, whatever the number of DoFn instances
+        self._inline_field = task.inline_field  # a record carries its input in this field, or names it by "uri"
+        self._needs = "a record must be a mapping with a 'uri'" + (
+            f" or a {task.inline_field!r} field" if task.inline_field else "")
 
     def setup(self) -> None:
         # Built by the first DoFn instance of the process; this reference keeps it alive while the DoFn lives.
@@ -62,11 +65,10 @@ class _GpuInferenceDoFn(beam.DoFn):
         context = (window, timestamp)
         for record in element if isinstance(element, list) else (element,):
             self._counts["records"] += 1
-            if not isinstance(record, Mapping) or not record.get("uri"):
+            if not isinstance(record, Mapping) or not (record.get("uri") or self._inline_field in record):
                 self._counts[DEAD_LETTERS] += 1
                 yield beam.pvalue.TaggedOutput(DEAD_LETTERS, WindowedValue(
-                    dead_letter_row(record, "input", "ValueError", "a record must be a mapping with a 'uri'"),
-                    timestamp, [window]))
+                    dead_letter_row(record, "input", "ValueError", self._needs), timestamp, [window]))
                 continue
             self._bundle.submit(record, context)
         yield from self._emit(self._bundle.poll())

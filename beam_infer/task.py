@@ -35,6 +35,14 @@ class InferenceTask:
             example nvJPEG). It runs on the H2D stream; an error is bisected down to the records that cause it.
         output_schema: the columns a prediction row has beyond id, uri and model (postprocess fields, and any
             record field worth keeping, such as a known label); `WritePredictions` writes exactly these.
+        pad_value: set for variable-length inputs (token ids, say): `preprocess` may return arrays whose first
+            dimension varies (the rest of the shape and the dtype are the batch's); the engine groups records of
+            similar length (EngineConfig.bucket_batches, max_tokens) and pads each batch to its longest, rounded
+            up to EngineConfig.pad_multiple, with this value. The model tells padding from input by it (a mask).
+            Not with `device_preprocess`.
+        inline_field: the record field that carries the input itself (a text, say) when the record has no "uri":
+            no fetch, `preprocess` gets the field's value in place of the bytes; a record with neither fails in
+            preprocess, naming both.
     """
 
     name: str
@@ -43,6 +51,13 @@ class InferenceTask:
     postprocess: Callable[[tuple[np.ndarray, ...], Record], dict[str, Any]]
     output_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
     device_preprocess: Callable[[list[torch.Tensor], torch.device], torch.Tensor] | None = None
+    pad_value: int | float | None = None
+    inline_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pad_value is not None and self.device_preprocess is not None:
+            raise ValueError(f"task {self.name}: pad_value (variable-length inputs padded on the host) and "
+                             f"device_preprocess (inputs handed to the device as a list) exclude each other")
 
 
 def record_id(record: Record) -> str:

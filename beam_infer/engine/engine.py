@@ -135,8 +135,12 @@ class Engine:
     """
 
     def __init__(self, task: InferenceTask, config: EngineConfig) -> None:
+        if config.max_tokens and task.pad_value is None:
+            raise ValueError(f"EngineConfig.max_tokens ({config.max_tokens}) bounds batches of variable-length "
+                             f"inputs, and task {task.name} has fixed-size ones (no pad_value)")
         self.task = task
         self.config = config
+        self.in_flight_limit = config.in_flight_limit_for(task.pad_value is not None)
         configure_process(config, config.torch_device())
         self.model, self.device, self.dtype = load_on_device(task, config)
         self.streams = Streams(self.device, timing=config.trace_events)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from beam_infer.engine.accounting import Tally
-from beam_infer.engine.batcher import Batcher
+from beam_infer.engine.batcher import Batcher, LengthBatcher, padded_length
 from beam_infer.engine.chunks import call_in_chunks
 from beam_infer.engine.errors import EngineError, Owner, is_out_of_memory, owner_of
 from beam_infer.engine.health import RunHealth
@@ -87,11 +87,13 @@ class Run:
         self.health = RunHealth(f"beam_infer engine for {self._task.name} on {engine.device}")
         self._lock = threading.Lock()
         self._room: queue.SimpleQueue = queue.SimpleQueue()  # one token per record that may be in flight
-        for _ in range(c.in_flight_limit):
+        self._in_flight_limit = engine.in_flight_limit
+        for _ in range(self._in_flight_limit):
             self._room.put(None)
         self._submitted = Tally()  # upstream = submitted - left: not yet ready for the batcher nor failed
         self._left = Tally()
         self._draining = 0  # bundles waiting in drain()
+        self._waiting = 0  # ready records the batcher holds (a telemetry gauge, set by the batch thread)
         self._closed = False  # stopping: no remote I/O starts
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -181,7 +183,10 @@ class Run:
                 self.health.raise_if_failed()
         self.health.raise_if_failed()
         self._submitted.add()
-        uri = item.result.record["uri"]
+        uri = item.result.record.get("uri")
+        if not uri and self._task.inline_field is not None:
+            self._decode_pool.submit(self._preprocess_inline, item)  # the record carries its input
+            return
         if isinstance(uri, str) and is_local(uri):
             self._decode_pool.submit(self._fetch, item, True)  # a local read costs less than a hand-off
             return
@@ -241,7 +246,7 @@ class Run:
         else:
             self._decode_pool.submit(self._preprocess, item, data)
 
-    def _preprocess(self, item: Item, data: bytes, held: int = 0) -> None:
+    def _preprocess(self, item: Item, data: Any, held: int = 0) -> None:
         """Preprocesses the record's bytes; `held` of them are given back to remote I/O's bound afterwards."""
         t0 = time.perf_counter()
         try:
@@ -254,6 +259,15 @@ class Run:
                 self._remote.release(held)
         self._stats.busy("preprocess", time.perf_counter() - t0)
         self._leave_upstream(item, None)
+
+    def _preprocess_inline(self, item: Item) -> None:
+        field = self._task.inline_field
+        record = item.result.record
+        if field not in record:
+            self._record_failed_upstream(item, "preprocess", KeyError(
+                f"the record has neither a {field!r} field nor a 'uri' (fields: {sorted(map(str, record))})"))
+            return
+        self._preprocess(item, record[field])
 
     def _record_failed_upstream(self, item: Item, stage: str, error: BaseException) -> None:
         if owner_of(error, Owner.RECORD) is Owner.RECORD:
@@ -290,8 +304,9 @@ class Run:
         """Where the run's records are at this moment (a telemetry sample; read without a lock, so approximate):
         in flight (submitted, not returned), upstream (in fetch or decode), ready (decoded, waiting to be batched),
         batches waiting for the forward and for the D2H wait, calls waiting for a pool's thread."""
-        return {"in_flight": self._config.in_flight_limit - self._room.qsize(),
+        return {"in_flight": self._in_flight_limit - self._room.qsize(),
                 "upstream": self._submitted.value - self._left.value, "ready": self._ready.qsize(),
+                "waiting": self._waiting,
                 "to_forward": self._to_forward.qsize(), "to_unload": self._to_unload.qsize(),
                 "decode_backlog": _backlog(self._decode_pool), "fetch_backlog": _backlog(self._fetch_pool),
                 "postprocess_backlog": _backlog(self._post_pool), "remote": self._remote is not None}
@@ -333,26 +348,38 @@ class Run:
         finally:
             self._to_forward.put(_STOP)
 
+    def _batcher(self) -> Batcher[Item] | LengthBatcher[Item]:
+        c = self._config
+        if self._task.pad_value is None:
+            return Batcher(c.batch_size, c.max_batch_wait_s)
+        return LengthBatcher(c.batch_size, c.max_batch_wait_s, _length, window=c.bucket_batches * c.batch_size,
+                             max_tokens=c.max_tokens, pad_multiple=c.pad_multiple)
+
     def _batch_loop(self) -> None:
         """Batches ready records by size, by age, or when a draining bundle waits on nothing else."""
-        batcher: Batcher[Item] = Batcher(self._config.batch_size, self._config.max_batch_wait_s)
+        batcher = self._batcher()
         while True:
             try:
                 msgs = [self._ready.get(timeout=batcher.time_left())]
             except queue.Empty:
-                msgs = [None]  # the open batch is due by age
+                msgs = [None]  # the oldest record's batch is due by age
             while len(msgs) < self._config.batch_size and not self._ready.empty():
                 msgs.append(self._ready.get())  # whatever else is ready: one wake-up per burst, not per record
             for msg in msgs:
                 if msg is _STOP:  # the last message: the pools upstream have stopped
-                    self._guard(self._launch, batcher.take(), stage="batch")
+                    self._launch_all(batcher.take_all())
                     return
                 if msg is None:
-                    self._guard(self._launch, batcher.take(), stage="batch")
-                elif msg is not _WAKE and (batch := batcher.add(msg)):
-                    self._guard(self._launch, batch, stage="batch")
+                    self._launch_all(batcher.take_due())
+                elif msg is not _WAKE:
+                    self._launch_all(batcher.add(msg))
             if len(batcher) and self._draining > 0 and self._nothing_upstream() and self._ready.empty():
-                self._guard(self._launch, batcher.take(), stage="batch")
+                self._launch_all(batcher.take_all())
+            self._waiting = len(batcher)
+
+    def _launch_all(self, batches: list[list[Item]]) -> None:
+        for items in batches:
+            self._guard(self._launch, items, stage="batch")
 
     def _launch(self, items: list[Item]) -> None:
         """Moves a batch to the device (collate + H2D copy, or the task's device preprocess), then queues it."""
@@ -368,19 +395,19 @@ class Run:
 
     def _same_shape(self, items: list[Item]) -> list[Item]:
         """The items shaped like most of the batch (so one odd record cannot fail the others); each other one
-        fails in collate."""
-        kinds = [(item.array.shape, item.array.dtype) for item in items]
-        shape, dtype = kinds[0]
+        fails in collate. Variable-length inputs (pad_value) need only agree past their first dimension."""
+        variable = self._task.pad_value is not None
+        kinds = [(_row_shape(item.array, variable), item.array.dtype) for item in items]
         if kinds.count(kinds[0]) == len(kinds):  # the usual batch: no record to fail
             return items
         (shape, dtype), _ = collections.Counter(kinds).most_common(1)[0]
+        what = "shape past the first dimension" if variable else "shape"
         good = []
-        for item in items:
-            if item.array.shape != shape or item.array.dtype != dtype:
+        for item, kind in zip(items, kinds, strict=True):
+            if kind != (shape, dtype):
                 self._finish(item, failure=Failure(
                     "collate", "ValueError",
-                    f"preprocessed shape {item.array.shape} {item.array.dtype} differs from the batch's "
-                    f"{shape} {dtype}"))
+                    f"preprocessed {what} {kind[0]} {kind[1]} differs from the batch's {shape} {dtype}"))
             else:
                 good.append(item)
         return good
@@ -398,10 +425,14 @@ class Run:
         stage, lease = "collate", None
         try:
             waited = time.perf_counter()
-            shape, dtype = items[0].array.shape, torch.from_numpy(np.empty(0, items[0].array.dtype)).dtype
+            arrays = [item.array for item in items]
+            shape, dtype = arrays[0].shape, torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype
+            pad = self._task.pad_value
+            if pad is not None:  # each batch pads to its own longest
+                shape = (padded_length(max(a.shape[0] for a in arrays), self._config.pad_multiple), *shape[1:])
             lease = self.input_buffers.acquire((len(items), *shape), dtype)
             waited = time.perf_counter() - waited  # backpressure: every buffer still in use; not collate's work
-            np.stack([item.array for item in items], out=lease.tensor.numpy())
+            _collate(arrays, lease.tensor.numpy(), pad)
             t1 = time.perf_counter()
             stage = "h2d"
             start = self._trace_start()
@@ -687,6 +718,26 @@ def _numeric_array(value: Any) -> np.ndarray:
     if not array.dtype.isnative:  # big-endian, say: torch takes native byte order only
         array = array.astype(array.dtype.newbyteorder("="))
     return array
+
+
+def _length(item: Item) -> int:
+    """A variable-length input's length: its first dimension (a preprocessed array has at least one)."""
+    return item.array.shape[0]
+
+
+def _row_shape(array: np.ndarray, variable: bool) -> tuple[Any, ...]:
+    return (array.ndim, array.shape[1:]) if variable else array.shape
+
+
+def _collate(arrays: list[np.ndarray], out: np.ndarray, pad: float | None) -> None:
+    """Stacks `arrays` into `out`; with `pad`, each at the start of its row and the rest of the row `pad`."""
+    if pad is None:
+        np.stack(arrays, out=out)
+        return
+    for row, array in zip(out, arrays, strict=True):
+        n = array.shape[0]
+        row[:n] = array
+        row[n:] = pad
 
 
 def _backlog(pool: Workers | None) -> int:

@@ -135,7 +135,7 @@ def header(engine: Engine) -> dict[str, Any]:
     c = engine.config
     return {"header": True, "t": time.time(), "pid": os.getpid(), "host": socket.gethostname(),
             "task": engine.task.name, "device": str(engine.device), "dtype": str(engine.dtype).replace("torch.", ""),
-            "batch_size": c.batch_size, "in_flight_limit": c.in_flight_limit, "interval_s": c.telemetry_interval_s,
+            "batch_size": c.batch_size, "in_flight_limit": engine.in_flight_limit, "interval_s": c.telemetry_interval_s,
             "threads": {"decode": c.decode_pool_size, "fetch": c.fetch_threads, "remote": c.fetch_concurrency,
                         "postprocess": c.postprocess_threads}}
 
