@@ -23,7 +23,8 @@ class InferenceTask:
         load_model: builds the model on the CPU; the engine moves it to its device and dtype. The model takes
             a batch stacked from `preprocess` outputs (for images, uint8 NHWC) and returns a tensor or a tuple
             of tensors whose first dimension is the batch.
-        preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool.
+        preprocess: (bytes, record) -> array of one fixed shape and dtype; runs in the decode thread pool. It may
+            return a Preprocessed instead: the array, and fields that postprocess finds in the record it gets.
         postprocess: (tuple of per-record output rows as numpy, record) -> dict of output fields; runs in the
             postprocess thread pool. A field whose value is a Blob is written by the engine's put stage, and the
             row gets the Blob's URI in its place. The rows are views of reused (pinned) buffers, valid during the
@@ -58,6 +59,15 @@ class InferenceTask:
         if self.pad_value is not None and self.device_preprocess is not None:
             raise ValueError(f"task {self.name}: pad_value (variable-length inputs padded on the host) and "
                              f"device_preprocess (inputs handed to the device as a list) exclude each other")
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    """A preprocess's array with fields for its postprocess (a text's token count, say): the record that
+    postprocess gets has them added, and the record itself is left as it is."""
+
+    array: Any
+    fields: dict[str, Any]
 
 
 def record_id(record: Record) -> str:

@@ -2,6 +2,7 @@
 
     python -m pipelines.run                      # classify the built-in sample: DirectRunner, no network, CPU or GPU
     python -m pipelines.run --task img2img       # sharpen it: <output>/images/*.png and an index-*.parquet of them
+    python -m pipelines.run --task embed         # embed a generated corpus of texts with all-MiniLM-L6-v2
     python -m pipelines.run --input 'gs://bucket/images/*.jpg' --output gs://bucket/out \
         --runner DataflowRunner --project … --region …
 
@@ -48,6 +49,8 @@ from beam_infer.models import DEFAULT_IMG2IMG_MODEL, DEFAULT_MODEL, resolve_img2
 from beam_infer.runners import resolve_runner
 from beam_infer.sample import write_sample
 from beam_infer.tasks.classify import DECODE_PLACES
+from beam_infer.tasks.embed import DEFAULT_EMBED_MODEL, DEFAULT_TEXT_FIELD, text_embedder
+from beam_infer.text_sample import write_text_sample
 from pipelines import interrupt, progress
 from pipelines.console import configure_logging, first_error
 from pipelines.dataflow import add_dataflow_arguments, dataflow_args, log_dataflow_job_id
@@ -55,16 +58,19 @@ from pipelines.validate import UsageError, check_job, check_model_name, is_user_
 
 _LOG = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 64
-TASKS = ("classify", "img2img")
-ROWS = {"classify": "predictions", "img2img": "index"}  # the Parquet file prefix of each task's rows
+TASKS = ("classify", "img2img", "embed")
+ROWS = {"classify": "predictions", "img2img": "index", "embed": "embeddings"}  # each task's Parquet file prefix
 IMAGES = "images"  # img2img writes its output images under <output>/images/
 IMAGE_FORMAT = "png"
 # The options of one task only, with their defaults; given with the other task, they are an error.
 TASK_OPTIONS = {
     "classify": {"top_k": 3, "decode": "cpu"},
     "img2img": {"image_size": 128},  # 128² keeps the built-in sample at a few seconds on a CPU
+    "embed": {"text_field": DEFAULT_TEXT_FIELD, "max_tokens": 16384},
 }
-DEFAULT_MODELS = {"classify": DEFAULT_MODEL, "img2img": DEFAULT_IMG2IMG_MODEL}
+DEFAULT_MODELS = {"classify": DEFAULT_MODEL, "img2img": DEFAULT_IMG2IMG_MODEL, "embed": DEFAULT_EMBED_MODEL}
+# Records per batch; the embed job's batches are bounded by --max-tokens too, so they hold up to 256 short texts.
+BATCH_SIZES = {"classify": 64, "img2img": 64, "embed": 256}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,14 +86,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group = parser.add_argument_group("input")
     group.add_argument("--input", help="a glob of images (local or fsspec URL) or a Parquet/CSV/JSONL manifest "
-                                       "with a 'uri' column; default: a generated sample")
-    group.add_argument("--sample-size", type=int, default=512, help="images in the generated sample")
+                                       "with a 'uri' column (embed: a text column, see --text-field, or a 'uri' of "
+                                       "UTF-8 files); default: a generated sample")
+    group.add_argument("--sample-size", type=int, default=512, help="images (embed: texts) in the generated sample")
+    group.add_argument("--text-field", help=f"embed: the manifest's column of texts (default "
+                                            f"{DEFAULT_TEXT_FIELD}); an 'id' column is optional")
     group = parser.add_argument_group("model")
     group.add_argument("--task", default="classify", choices=TASKS,
-                       help="classify: top-k labels per image; img2img: an image per image, of the same size")
+                       help="classify: top-k labels per image; img2img: an image per image, of the same size; "
+                            "embed: a normalised embedding per text")
     group.add_argument("--model", help=f"classify: {DEFAULT_MODEL} (default), torchvision:<name> or module:function "
                                        "returning an InferenceTask; img2img: unsharp (default), blur or "
-                                       "module:function returning a float NCHW model of images in [0, 1]")
+                                       "module:function returning a float NCHW model of images in [0, 1]; embed: "
+                                       f"{DEFAULT_EMBED_MODEL} (default, shipped) or a local sentence-transformers "
+                                       "directory")
     group.add_argument("--weights", help="a state_dict (torch.save) for the model, local or a URL such as "
                                          "gs://bucket/model.pt; read with weights_only=True on each worker")
     group.add_argument("--top-k", type=int, help="classify: labels kept per image (default 3)")
@@ -98,7 +110,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                        help="img2img: inputs (the sample's too) are resized to this square size, and the output "
                             f"images have it (default {TASK_OPTIONS['img2img']['image_size']})")
     group = parser.add_argument_group("engine")
-    group.add_argument("--batch-size", type=int, default=64)
+    group.add_argument("--batch-size", type=int, help="records per batch (default 64; embed 256)")
+    group.add_argument("--max-tokens", type=int,
+                       help="embed: the most padded tokens in a batch (records x its longest text, rounded up to 8; "
+                            f"default {TASK_OPTIONS['embed']['max_tokens']}; 0: no budget)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     group.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     group.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
@@ -134,6 +149,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
             elif task != args.task and getattr(args, name) is not None:
                 parser.error(f"--{name.replace('_', '-')} is an option of --task {task}, not {args.task}")
     args.model = args.model or DEFAULT_MODELS[args.task]
+    args.batch_size = args.batch_size if args.batch_size is not None else BATCH_SIZES[args.task]
     if is_local(args.output):  # "--output=~/out" reaches us unexpanded; Beam's file sinks do not expand it
         args.output = os.path.expanduser(args.output)
     if args.report:
@@ -152,6 +168,8 @@ def job_task(args: argparse.Namespace) -> InferenceTask:
     """The task that --task and --model name, with --weights."""
     if args.task == "img2img":
         task = resolve_img2img_task(args.model, images_dir(args.output), args.image_size, IMAGE_FORMAT)
+    elif args.task == "embed":
+        task = text_embedder(args.model, args.text_field)
     else:
         task = resolve_task(args.model, args.top_k, args.decode)
     return with_weights(task, args.weights) if args.weights else task
@@ -244,7 +262,8 @@ def run_job(options: PipelineOptions, source: str, task: InferenceTask, config: 
     """
     start = time.perf_counter()
     pipeline = beam.Pipeline(runner=resolve_runner(options), options=options)
-    records = pipeline | "Read" >> ReadRecords(source, chunk_size) | "Spread" >> beam.Reshuffle()
+    columns = ("uri", task.inline_field) if task.inline_field else ("uri",)  # what names a record's input
+    records = pipeline | "Read" >> ReadRecords(source, chunk_size, columns) | "Spread" >> beam.Reshuffle()
     results = records | "Infer" >> RunGpuInference(task, config)
     results.predictions | "WritePredictions" >> WritePredictions(output, task.output_schema, name=rows)
     results.dead_letters | "WriteDeadLetters" >> WriteDeadLetters(output)
@@ -267,7 +286,8 @@ def checked_job(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[st
     args, beam_args = parse_args(argv)
     check_job(args)
     try:
-        config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+        config = EngineConfig(batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                              max_tokens=args.max_tokens or 0)
     except ValueError as e:
         raise UsageError(str(e)) from e
     beam_args = prepare_storage_emulator(beam_args)  # STORAGE_EMULATOR_HOST: no wait on Google credentials
@@ -321,7 +341,8 @@ def main(argv: Sequence[str] | None = None, command: bool = False) -> Summary:
         scratch = (sample_dir, telemetry_dir)
         with interrupt.stopping_on_signals() if command else contextlib.nullcontext([]) as signals:
             try:
-                source = args.input if args.input is not None else write_sample(sample_dir, args.sample_size)
+                sample = write_text_sample if args.task == "embed" else write_sample
+                source = args.input if args.input is not None else sample(sample_dir, args.sample_size)
                 total = progress.input_total(args.input, args.sample_size)
                 with progress.Progress(telemetry_dir, total, args.progress, args.progress_every) as shown:
                     summary = run_job(options, source, task, config, args.output,

@@ -48,7 +48,7 @@ def check_job(args: argparse.Namespace) -> None:
     if args.runner.lower() in DATAFLOW_RUNNERS:
         return
     if args.input is not None:
-        check_input(args.input)
+        check_input(args.input, ("uri", args.text_field) if getattr(args, "text_field", None) else ("uri",))
     if args.weights is not None and is_local(args.weights):
         check_weights(args.weights)
     if is_local(args.output):
@@ -60,6 +60,8 @@ def check_counts(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if getattr(args, "max_tokens", None) is not None and args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be 0 (no budget) or more, got {args.max_tokens}")
     if getattr(args, "progress_every", 1) <= 0:
         raise UsageError(f"--progress-every must be positive, got {args.progress_every}")
     if args.max_dead_letters is not None and args.max_dead_letters < 0:
@@ -92,8 +94,9 @@ def check_model_name(spec: str) -> None:
         raise UsageError(f"--model {spec}: {module} has no function {name}")
 
 
-def check_input(source: str) -> None:
-    """A local input: the glob matches a file, the file is there, a manifest has a 'uri' column."""
+def check_input(source: str, columns: tuple[str, ...] = ("uri",)) -> None:
+    """A local input: the glob matches a file, the file is there, a manifest has one of `columns` (a 'uri', or
+    the embed job's text)."""
     if not is_local(source):
         return
     path = os.path.expanduser(source)
@@ -109,10 +112,11 @@ def check_input(source: str) -> None:
         raise UsageError(f"--input {source} is a folder: give a glob of its files ({os.path.join(source, '*.jpg')}) "
                          "or a manifest")
     if is_manifest(path):
-        columns = manifest_columns(path)
-        if "uri" not in columns:
-            raise UsageError(f"--input {source}: the manifest has no 'uri' column (columns: "
-                             f"{', '.join(columns) or 'none'})")
+        found = manifest_columns(path)
+        if not set(columns) & set(found):
+            wanted = " or ".join(repr(c) for c in columns)
+            raise UsageError(f"--input {source}: the manifest has no {wanted} column (columns: "
+                             f"{', '.join(found) or 'none'})")
 
 
 def manifest_columns(path: str) -> list[str]:

@@ -38,7 +38,7 @@ from beam_infer.engine.workers import Workers
 from beam_infer.io import remote
 from beam_infer.io.fetch import fetch_bytes, is_local, open_uri
 from beam_infer.io.put import write_local_atomically
-from beam_infer.task import Blob
+from beam_infer.task import Blob, Preprocessed
 
 if TYPE_CHECKING:
     from beam_infer.engine.engine import Engine
@@ -58,6 +58,7 @@ class Item:
     result: Result
     outbox: queue.SimpleQueue
     array: np.ndarray | None = None
+    fields: dict[str, Any] | None = None  # from a Preprocessed: added to the record that postprocess sees
     done: bool = False
 
 
@@ -250,7 +251,10 @@ class Run:
         """Preprocesses the record's bytes; `held` of them are given back to remote I/O's bound afterwards."""
         t0 = time.perf_counter()
         try:
-            item.array = _numeric_array(self._task.preprocess(data, item.result.record))
+            value = self._task.preprocess(data, item.result.record)
+            if type(value) is Preprocessed:
+                value, item.fields = value.array, value.fields
+            item.array = _numeric_array(value)
         except BaseException as e:  # noqa: BLE001
             self._record_failed_upstream(item, "preprocess", e)
             return
@@ -292,7 +296,7 @@ class Run:
 
     def _finish(self, item: Item, *, value: dict[str, Any] | None = None, failure: Failure | None = None) -> None:
         item.result.value, item.result.failure = value, failure
-        item.array = None
+        item.array = item.fields = None
         item.done = True
         item.outbox.put(item.result)
         self._room.put(None)
@@ -620,7 +624,8 @@ class Run:
         try:
             for row, item in enumerate(items):
                 try:
-                    value = self._task.postprocess(tuple(x[row] for x in arrays), item.result.record)
+                    record = item.result.record if item.fields is None else {**item.result.record, **item.fields}
+                    value = self._task.postprocess(tuple(x[row] for x in arrays), record)
                     if type(value) is not dict:  # the usual case costs one type check
                         if not isinstance(value, Mapping):
                             raise TypeError(f"postprocess must return a mapping of output fields, got "

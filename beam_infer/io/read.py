@@ -41,21 +41,25 @@ def _absolute(uri: str, base: str) -> str:
     return posixpath.join(base, uri)  # relative URIs in a manifest are relative to the manifest
 
 
-def read_manifest(path: str) -> Iterator[dict[str, Any]]:
-    """Yields one record per manifest row: every column, with "uri" made absolute and "id" as a string.
+def read_manifest(path: str, columns: tuple[str, ...] = ("uri",)) -> Iterator[dict[str, Any]]:
+    """Yields one record per manifest row: every column, with "uri" made absolute and "id" as a string. A row with
+    neither an id nor a uri (a text carried inline, say) gets `<manifest file name>:<row number>` as its id.
 
     Raises:
-        ValueError: the manifest has no "uri" column.
+        ValueError: the manifest has none of `columns` (the fields a record names its input by).
     """
     table = _read_table(path)
-    if "uri" not in table.column_names:
-        raise ValueError(f"manifest {path} has no 'uri' column (columns: {', '.join(table.column_names)})")
-    base = posixpath.dirname(path)
-    for row in table.to_pylist():
+    if not set(columns) & set(table.column_names):
+        wanted = " or ".join(repr(c) for c in columns)
+        raise ValueError(f"manifest {path} has no {wanted} column (columns: {', '.join(table.column_names)})")
+    base, name = posixpath.dirname(path), posixpath.basename(path)
+    for number, row in enumerate(table.to_pylist()):
         if row.get("uri"):
             row["uri"] = _absolute(str(row["uri"]), base)
         if row.get("id") is not None:
             row["id"] = str(row["id"])
+        elif not row.get("uri"):
+            row["id"] = f"{name}:{number}"
         yield row
 
 
@@ -74,9 +78,9 @@ def match_files(pattern: str) -> Iterator[dict[str, Any]]:
         yield {"uri": path if local else fs.unstrip_protocol(path)}
 
 
-def expand_input(source: str) -> Iterator[dict[str, Any]]:
-    """Records of a manifest, or of the files a glob matches."""
-    return read_manifest(source) if is_manifest(source) else match_files(source)
+def expand_input(source: str, columns: tuple[str, ...] = ("uri",)) -> Iterator[dict[str, Any]]:
+    """Records of a manifest (which has one of `columns`), or of the files a glob matches."""
+    return read_manifest(source, columns) if is_manifest(source) else match_files(source)
 
 
 def chunked(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -86,8 +90,8 @@ def chunked(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[
         yield chunk
 
 
-def _chunked_input(source: str, size: int) -> Iterator[list[dict[str, Any]]]:
-    return chunked(expand_input(source), size)
+def _chunked_input(source: str, size: int, columns: tuple[str, ...]) -> Iterator[list[dict[str, Any]]]:
+    return chunked(expand_input(source, columns), size)
 
 
 class ReadRecords(beam.PTransform):
@@ -99,18 +103,22 @@ class ReadRecords(beam.PTransform):
     (tens of microseconds on DirectRunner, and a CPU cost that holds the GIL the decode threads need) once per
     chunk instead of once per record; a chunk is also the unit Reshuffle spreads over workers.
 
+    A manifest of texts (or other small inputs carried by the record itself) names its column in `columns`: rows
+    need that column or a "uri", and rows without an "id" get one (see read_manifest).
+
     The listing runs on a worker; follow with beam.Reshuffle() to spread the records over workers.
     """
 
-    def __init__(self, source: str, chunk_size: int | None = None) -> None:
+    def __init__(self, source: str, chunk_size: int | None = None, columns: tuple[str, ...] = ("uri",)) -> None:
         super().__init__()
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
         self._source = source
         self._chunk_size = chunk_size
+        self._columns = tuple(columns)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         source = pbegin | "Source" >> beam.Create([self._source])
         if self._chunk_size is None:
-            return source | "List" >> beam.FlatMap(expand_input)
-        return source | "List" >> beam.FlatMap(_chunked_input, self._chunk_size)
+            return source | "List" >> beam.FlatMap(expand_input, self._columns)
+        return source | "List" >> beam.FlatMap(_chunked_input, self._chunk_size, self._columns)
