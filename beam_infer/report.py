@@ -18,7 +18,8 @@ from beam_infer.monitor import EngineLog
 COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
 _W, _H, _PAD = 760, 180, 84  # chart size and left margin, in CSS pixels
 RECORD_QUEUES = {"decode_backlog": "for a decode thread", "fetch_backlog": "for a fetch thread",
-                 "ready": "to be batched", "postprocess_backlog": "for a postprocess thread"}
+                 "ready": "to be batched", "waiting": "in the length-bucketing window",
+                 "postprocess_backlog": "for a postprocess thread"}
 BATCH_QUEUES = {"to_forward": "for the forward", "to_unload": "for the D2H copy"}
 
 

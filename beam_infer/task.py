@@ -39,11 +39,12 @@ class InferenceTask:
         pad_value: set for variable-length inputs (token ids, say): `preprocess` may return arrays whose first
             dimension varies (the rest of the shape and the dtype are the batch's); the engine groups records of
             similar length (EngineConfig.bucket_batches, max_tokens) and pads each batch to its longest, rounded
-            up to EngineConfig.pad_multiple, with this value. The model tells padding from input by it (a mask).
-            Not with `device_preprocess`.
+            up to EngineConfig.pad_multiple, with this value, which must be one of the dtype's values that no
+            input holds: the model tells padding from input by it (a mask). Outputs per position reach the
+            postprocess at the batch's padded width. Not with `device_preprocess`.
         inline_field: the record field that carries the input itself (a text, say) when the record has no "uri":
             no fetch, `preprocess` gets the field's value in place of the bytes; a record with neither fails in
-            preprocess, naming both.
+            preprocess, naming both. Give such records an "id": it is their only name in the outputs.
     """
 
     name: str

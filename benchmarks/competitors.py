@@ -48,6 +48,7 @@ class Run:
     batches: int | None = None  # forward passes, where the competitor reports them
     mean_batch_size: float | None = None
     stages: dict[str, dict[str, float]] | None = None  # per-stage statistics of its own (spdl)
+    counters: dict[str, int] = field(default_factory=dict)  # beam_infer's job counters
 
     @property
     def steady_seconds(self) -> float:
@@ -258,15 +259,16 @@ def runinference(task: InferenceTask, config: EngineConfig, manifest: str, outpu
 # ---- beam_infer ---------------------------------------------------------------------------------------
 
 
-def beam_infer(task: InferenceTask, config: EngineConfig, manifest: str, output: str) -> Run:
+def beam_infer(task: InferenceTask, config: EngineConfig, manifest: str, output: str,
+               rows: str = "predictions") -> Run:
     """`pipelines.run.run_job` on the in-process DirectRunner, with the task's edges timed."""
     from pipelines.run import run_job
 
     clock_id, clock = _new_clock()
     timed = dataclasses.replace(task, preprocess=_Timed(task.preprocess, clock_id, "start"),
                                 postprocess=_Timed(task.postprocess, clock_id, "end"))
-    summary = run_job(PipelineOptions([]), manifest, timed, config, output)
+    summary = run_job(PipelineOptions([]), manifest, timed, config, output, rows=rows)
     busy = {name.removeprefix("busy_us_"): us / 1e6 for name, us in summary.counters.items()
             if name.startswith("busy_us_")}
     return Run(summary.get("predictions"), summary.seconds, clock.first or 0.0, clock.last or 0.0, busy,
-               summary.get("batches"), round(summary.mean_batch_size, 1))
+               summary.get("batches"), round(summary.mean_batch_size, 1), counters=summary.counters)

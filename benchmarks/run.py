@@ -43,12 +43,13 @@ from benchmarks.scenarios import SCENARIOS, Scenario, classifier
 
 COMPETITORS = ("naive", "runinference", "spdl", "beam_infer")
 REMOTE_FETCH = "remote-fetch"  # its own module: a GCS server, a latency proxy and other competitors
+EMBED = "embed"  # its own module: texts, and the competitors of a text job (benchmarks/embed.py)
 _FORWARD_BATCHES_MAX = 20
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, REMOTE_FETCH]))
+    parser.add_argument("--scenario", required=True, choices=sorted([*SCENARIOS, REMOTE_FETCH, EMBED]))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--items", type=int, help="records per competitor (default: the scenario's)")
     parser.add_argument("--batch-size", type=int, help="default: the scenario's (256)")
@@ -73,8 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="remote-fetch: the latency the proxy adds to every request (default: %(default)s)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
+    if args.scenario == EMBED and args.competitors == ",".join(COMPETITORS):
+        args.competitors = "default"  # the embed scenario's own list
     unknown = set(args.competitors.split(",")) - set(COMPETITORS)
-    if unknown:
+    if unknown and args.scenario != EMBED:
         parser.error(f"unknown competitors {sorted(unknown)}: choose among {', '.join(COMPETITORS)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
@@ -266,11 +269,12 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     args = parse_args(argv)
-    if args.scenario == REMOTE_FETCH:
-        from benchmarks import remote_fetch
+    if args.scenario in (REMOTE_FETCH, EMBED):
+        from benchmarks import embed, remote_fetch
 
-        result = remote_fetch.benchmark(args)
-        print(remote_fetch.render(result), flush=True)
+        module = remote_fetch if args.scenario == REMOTE_FETCH else embed
+        result = module.benchmark(args)
+        print(module.render(result), flush=True)
     else:
         result = benchmark(args)
         print(render(result), flush=True)

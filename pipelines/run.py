@@ -201,6 +201,11 @@ class Summary:
         return self.counters.get(name, 0)
 
     @property
+    def padding_ratio(self) -> float | None:
+        """Padded tokens run per token of the records (variable-length inputs only)."""
+        return self.get("padded_tokens") / self.get("tokens") if self.get("tokens") else None
+
+    @property
     def mean_batch_size(self) -> float:
         return self.get("batched_records") / self.get("batches") if self.get("batches") else 0.0
 
@@ -215,6 +220,7 @@ class Summary:
             "records_per_s": round(self.get("records") / self.seconds, 1) if self.seconds else None,
             "engines": self.get("engines"), "batches": self.get("batches"),
             "mean_batch_size": round(self.mean_batch_size, 1),
+            "padding_ratio": round(self.padding_ratio, 3) if self.padding_ratio else None,
             "top1_accuracy": round(self.get("top1_correct") / labelled, 4) if labelled else None,
             **{f"busy_s_{stage}": round(self.get(f"busy_us_{stage}") / 1e6, 3) for stage in STAGES
                if self.get(f"busy_us_{stage}")},
@@ -232,6 +238,9 @@ class Summary:
             f"busy time per stage (summed over threads; for remote reads and writes, over requests in flight): {busy}",
             f"batches: {self.get('batches')} (mean size {self.mean_batch_size:.1f})",
         ]
+        if self.get("tokens"):
+            lines.append(f"padding: {self.get('padded_tokens'):,} padded tokens for {self.get('tokens'):,} "
+                         f"= {self.padding_ratio:.3f}x")
         io = {name: self.get(name) for name in ("fetch_retries", "fetch_failures", "put_retries", "put_failures")}
         if any(io.values()):
             lines.append("remote I/O: " + ", ".join(f"{name.replace('_', ' ')} {n}" for name, n in io.items()))

@@ -8,7 +8,9 @@ together. Both answer the same calls, so the engine's batch thread drives either
 
 from __future__ import annotations
 
-import operator
+import bisect
+import collections
+import itertools
 import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -69,12 +71,12 @@ class LengthBatcher(Generic[T]):
 
     A batch holds at most `batch_size` items and, with `max_tokens`, at most `max_tokens` padded elements: its
     item count times its longest length rounded up to `pad_multiple` (one item longer than the budget goes alone).
-    Grouping sorts the window by length and cuts it, longest first, into batches that fill those bounds.
 
-    When the window is full, the full batch that holds the oldest item goes (the first full one when the oldest is
-    in the partial remainder), so the window keeps most of its choice; when the oldest item is `max_wait_s` old,
-    the batch that holds it goes, full or not; a draining bundle takes every batch. Grouping costs a sort of the
-    window per batch (numpy's), a few microseconds per item.
+    Every batch holds the oldest waiting item, so none waits for ever: it is the oldest with the items just shorter
+    than it (the window kept sorted by length), as many as the bounds allow, or, where too few are shorter, the
+    shortest items and then longer ones up to the bounds. A batch goes when the window is full, when the oldest
+    item is `max_wait_s` old, and (every batch) when a bundle drains. The window stays sorted as items arrive
+    (a bisect and a list insert), so a batch costs its own items, not a sort of the window.
     """
 
     def __init__(self, batch_size: int, max_wait_s: float, length: Callable[[T], int], *, window: int,
@@ -89,103 +91,86 @@ class LengthBatcher(Generic[T]):
         self.pad_multiple = pad_multiple
         self._length = length
         self._clock = clock
-        self._items: list[T] = []  # oldest first
-        self._lengths: list[int] = []
-        self._arrivals: list[float] = []
+        self._sorted: list[tuple[int, int]] = []  # (length, arrival number), ascending
+        self._waiting: dict[int, tuple[T, float, int]] = {}  # arrival number -> (item, arrival time, length)
+        self._order: collections.deque[int] = collections.deque()  # arrival numbers, oldest first (some gone)
+        self._arrivals = itertools.count()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._waiting)
 
     def add(self, item: T) -> list[list[T]]:
         """Adds an item; returns the batch due now (one, when the window has just become full)."""
-        self._items.append(item)
-        self._lengths.append(self._length(item))
-        self._arrivals.append(self._clock())
-        return [self._take(self._choose())] if len(self._items) >= self.window else []
+        number, length = next(self._arrivals), self._length(item)
+        self._waiting[number] = (item, self._clock(), length)
+        self._order.append(number)
+        bisect.insort(self._sorted, (length, number))
+        return [self._take_oldest()] if len(self._waiting) >= self.window else []
 
     def time_left(self) -> float | None:
-        if not self._items:
+        oldest = self._oldest()
+        if oldest is None:
             return None
-        return max(0.0, self._arrivals[0] + self.max_wait_s - self._clock())
+        return max(0.0, self._waiting[oldest][1] + self.max_wait_s - self._clock())
 
     def take_due(self) -> list[list[T]]:
-        """The batch that holds the oldest item: full where the window allows, else whatever is around it."""
-        return [self._take(self._choose())] if self._items else []
+        """The batch that holds the oldest item."""
+        return [self._take_oldest()] if self._waiting else []
 
     def take_all(self) -> list[list[T]]:
-        """Every item waiting, grouped by length."""
-        lengths = np.asarray(self._lengths)
-        groups = [_pick(self._items, g.tolist()) for g in self._cut(np.argsort(-lengths, kind="stable"), lengths)]
-        self._items, self._lengths, self._arrivals = [], [], []
-        return groups
+        """Every item waiting, in batches cut from the longest down."""
+        batches = []
+        while self._sorted:
+            top = len(self._sorted) - 1
+            start = max(0, top + 1 - self._capacity(self._sorted[top][0]))
+            batches.append(self._take_span(start, top + 1))
+        return batches
 
     def cost(self, lengths: list[int]) -> int:
         """Padded elements of a batch of items of these lengths."""
         return len(lengths) * padded_length(max(lengths), self.pad_multiple) if lengths else 0
 
-    def _choose(self) -> np.ndarray:
-        """The next batch: the full batch that holds the oldest item, cut from the long end of the window sorted
-        by length or, where the oldest falls in the long end's partial remainder, from the short end; else (the
-        window holds less than a batch around the oldest) the first full batch when the window is full, or the
-        oldest's partial one."""
-        lengths = np.asarray(self._lengths)
-        longest_first = np.argsort(-lengths, kind="stable")  # the oldest first among equal lengths
-        groups = self._cut(longest_first, lengths)
-        oldest = next(g for g in groups if 0 in g)
-        if self._is_full(oldest, lengths):
-            return oldest
-        shortest_first = np.argsort(lengths, kind="stable")
-        for group in self._cut(shortest_first, lengths, growing=True):
-            if 0 in group:
-                if self._is_full(group, lengths):
-                    return group
-                break
-        if len(self._items) >= self.window:
-            return next((g for g in groups if self._is_full(g, lengths)), oldest)
-        return oldest
+    def _oldest(self) -> int | None:
+        while self._order and self._order[0] not in self._waiting:
+            self._order.popleft()
+        return self._order[0] if self._order else None
 
-    def _cut(self, order: np.ndarray, lengths: np.ndarray, growing: bool = False) -> list[np.ndarray]:
-        """`order` cut into consecutive batches, each as large as the bounds allow. Longest first, the first item
-        sets the width; shortest first (`growing`), each next item widens the batch."""
-        groups, start, n = [], 0, len(order)
-        while start < n:
-            if not growing:
-                stop = start + self._capacity(int(lengths[order[start]]))
-            else:
-                span = order[start:start + self.batch_size]
-                size = np.arange(1, len(span) + 1)
-                fits = (size * self._padded(lengths[span]) <= self.max_tokens) if self.max_tokens else size > 0
-                fits[0] = True  # one item longer than the budget goes alone
-                stop = start + (int(np.argmin(fits)) if not fits.all() else len(span))
-            groups.append(order[start:stop])
-            start = stop
-        return groups
+    def _take_oldest(self) -> list[T]:
+        """The batch of the oldest item: of the full batches of neighbours in length that hold it, the one with the
+        least padding per token; where none is full (the oldest is among the shortest), the shortest items and
+        then longer ones while they fit."""
+        number = self._oldest()
+        rank = bisect.bisect_left(self._sorted, (self._waiting[number][2], number))
+        lo, hi = max(0, rank - self.batch_size + 1), min(len(self._sorted), rank + self.batch_size)
+        lengths = np.fromiter((n for n, _ in self._sorted[lo:hi]), dtype=np.int64, count=hi - lo)
+        tops = np.arange(rank - lo, hi - lo)  # each candidate's longest item, by index in `lengths`
+        widths = self._padded(lengths[tops])
+        counts = np.minimum(self.batch_size, self.max_tokens // widths) if self.max_tokens else np.full(
+            len(tops), self.batch_size)
+        counts = np.maximum(counts, 1)
+        starts = tops - counts + 1
+        full = (starts >= 0) & (starts <= rank - lo) & (lo + starts >= 0)
+        if full.any():
+            prefix = np.concatenate(([0], np.cumsum(lengths)))
+            real = prefix[tops + 1] - prefix[np.maximum(starts, 0)]
+            padding = np.where(full, counts * widths / np.maximum(real, 1), np.inf)
+            best = int(np.argmin(padding))
+            return self._take_span(lo + int(starts[best]), lo + int(tops[best]) + 1)
+        stop = rank + 1  # near the short end: the shortest items, the oldest among them, then longer while they fit
+        while stop < len(self._sorted) and stop < self._capacity(self._sorted[stop][0]):
+            stop += 1
+        return self._take_span(0, stop)
 
     def _padded(self, lengths: np.ndarray) -> np.ndarray:
         return np.maximum(self.pad_multiple, -(-lengths // self.pad_multiple) * self.pad_multiple)
+
+    def _take_span(self, start: int, stop: int) -> list[T]:
+        span = self._sorted[start:stop]
+        del self._sorted[start:stop]
+        return [self._waiting.pop(number)[0] for _, number in reversed(span)]  # longest first
 
     def _capacity(self, longest: int) -> int:
         """Items a batch whose longest item has this length may hold."""
         if not self.max_tokens:
             return self.batch_size
         return max(1, min(self.batch_size, self.max_tokens // padded_length(longest, self.pad_multiple)))
-
-    def _is_full(self, group: np.ndarray, lengths: np.ndarray) -> bool:
-        """Whether no other item could join the group (one as long as its longest)."""
-        return len(group) >= self._capacity(int(lengths[group].max()))
-
-    def _take(self, group: np.ndarray) -> list[T]:
-        batch = _pick(self._items, group.tolist())
-        keep = np.ones(len(self._items), dtype=bool)
-        keep[group] = False
-        rest = np.flatnonzero(keep).tolist()
-        self._items, self._lengths, self._arrivals = (_pick(x, rest) for x in (self._items, self._lengths,
-                                                                                self._arrivals))
-        return batch
-
-
-def _pick(values: list, indices: list[int]) -> list:
-    """values[i] for each of `indices`, at C speed (operator.itemgetter)."""
-    if len(indices) < 2:
-        return [values[i] for i in indices]
-    return list(operator.itemgetter(*indices)(values))

@@ -356,8 +356,11 @@ class Run:
         c = self._config
         if self._task.pad_value is None:
             return Batcher(c.batch_size, c.max_batch_wait_s)
-        return LengthBatcher(c.batch_size, c.max_batch_wait_s, _length, window=c.bucket_batches * c.batch_size,
-                             max_tokens=c.max_tokens, pad_multiple=c.pad_multiple)
+        # An explicit max_in_flight below the window would keep it from filling: the window is what the bound
+        # leaves beside four batches on their way through the device.
+        window = min(c.bucket_batches * c.batch_size, max(c.batch_size, self._in_flight_limit - 4 * c.batch_size))
+        return LengthBatcher(c.batch_size, c.max_batch_wait_s, _length, window=window, max_tokens=c.max_tokens,
+                             pad_multiple=c.pad_multiple)
 
     def _batch_loop(self) -> None:
         """Batches ready records by size, by age, or when a draining bundle waits on nothing else."""
@@ -377,6 +380,8 @@ class Run:
                     self._launch_all(batcher.take_due())
                 elif msg is not _WAKE:
                     self._launch_all(batcher.add(msg))
+            while batcher.time_left() == 0.0:  # due by age while records kept coming (the queue never ran dry)
+                self._launch_all(batcher.take_due())
             if len(batcher) and self._draining > 0 and self._nothing_upstream() and self._ready.empty():
                 self._launch_all(batcher.take_all())
             self._waiting = len(batcher)
@@ -405,13 +410,12 @@ class Run:
         if kinds.count(kinds[0]) == len(kinds):  # the usual batch: no record to fail
             return items
         (shape, dtype), _ = collections.Counter(kinds).most_common(1)[0]
-        what = "shape past the first dimension" if variable else "shape"
         good = []
         for item, kind in zip(items, kinds, strict=True):
             if kind != (shape, dtype):
                 self._finish(item, failure=Failure(
-                    "collate", "ValueError",
-                    f"preprocessed {what} {kind[0]} {kind[1]} differs from the batch's {shape} {dtype}"))
+                    "collate", "ValueError", f"preprocessed {_describe(*kind, variable)} differs from the batch's "
+                                             f"{_describe(shape, dtype, variable)}"))
             else:
                 good.append(item)
         return good
@@ -451,6 +455,9 @@ class Run:
                 return False
         else:
             number = self._engine.next_batch_number()
+            if pad is not None:  # what the padding costs: elements copied and run, against the records' own
+                self._stats.count("padded_tokens", lease.tensor.shape[0] * lease.tensor.shape[1])
+                self._stats.count("tokens", sum(a.shape[0] for a in arrays))
             self._stats.busy("collate", t1 - t0 - waited)
             self._stats.busy("h2d", time.perf_counter() - t1)
             self._trace(number, "h2d", start, h2d_done)
@@ -734,15 +741,30 @@ def _row_shape(array: np.ndarray, variable: bool) -> tuple[Any, ...]:
     return (array.ndim, array.shape[1:]) if variable else array.shape
 
 
+def _describe(shape: tuple[Any, ...], dtype: np.dtype, variable: bool) -> str:
+    if not variable:
+        return f"shape {shape} {dtype}"
+    ndim, rest = shape
+    return f"{ndim}-d {dtype} array" + (f" of rows shaped {rest}" if rest else "")
+
+
 def _collate(arrays: list[np.ndarray], out: np.ndarray, pad: float | None) -> None:
-    """Stacks `arrays` into `out`; with `pad`, each at the start of its row and the rest of the row `pad`."""
+    """Stacks `arrays` into `out`; with `pad`, each at the start of its row and the rest of the row `pad`.
+
+    Raises:
+        ValueError: `pad` is not exactly representable in the arrays' dtype (-1 in uint8, 0.5 in int32): the
+            model could not tell padding from input.
+    """
     if pad is None:
         np.stack(arrays, out=out)
         return
+    with np.errstate(invalid="ignore"):
+        fits = np.array(pad).astype(out.dtype) == pad
+    if not fits or (out.dtype == np.bool_ and not isinstance(pad, (bool, np.bool_))):
+        raise ValueError(f"pad_value {pad!r} is not a {out.dtype} value: the model could not tell padding from input")
+    out.fill(pad)
     for row, array in zip(out, arrays, strict=True):
-        n = array.shape[0]
-        row[:n] = array
-        row[n:] = pad
+        row[:array.shape[0]] = array
 
 
 def _backlog(pool: Workers | None) -> int:

@@ -50,21 +50,30 @@ def test_padded_length_rounds_up_to_the_multiple_and_is_at_least_one_multiple():
     assert [padded_length(n, 8) for n in (0, 1, 8, 9, 16, 17)] == [8, 8, 8, 16, 16, 24]
 
 
-def test_full_window_gives_a_batch_of_similar_lengths_holding_the_oldest_item():
+def test_full_window_gives_the_oldest_item_with_the_neighbours_that_pad_least():
     b = LengthBatcher(2, 10.0, len, window=6, clock=FakeClock())
     for text in ["aaaaaaaaaaaa", "b", "cccccccccccc", "dd", "e", "ffffffffffff"]:
         out = b.add(text)
-    # sorted longest first: a, c, f (12) | d (2), b, e (1); the oldest ("a") is in a full batch of length 12
-    assert out == [["aaaaaaaaaaaa", "cccccccccccc"]]
+    # by length: b e (1) | dd (2) | a c f (12); the oldest ("a") pads least beside "c", not beside "dd"
+    assert out == [["cccccccccccc", "aaaaaaaaaaaa"]]
     assert len(b) == 4
 
 
-def test_oldest_item_in_the_partial_remainder_goes_in_a_full_batch_cut_from_the_short_end():
+def test_an_oldest_item_among_the_shortest_goes_with_the_next_shortest():
     b = LengthBatcher(2, 10.0, len, window=100, clock=FakeClock())
     for text in ["a", "bbbbbbbbbbbb", "cccccccccccc", "d" * 30, "e" * 30]:
         b.add(text)
-    # longest first: d e | b c | a (alone, partial); shortest first: a b | c d | e, so "a" goes beside "b"
-    assert b.take_due() == [["a", "bbbbbbbbbbbb"]]
+    assert b.take_due() == [["bbbbbbbbbbbb", "a"]]
+
+
+def test_a_short_oldest_item_is_not_passed_over_by_a_stream_of_long_ones():
+    """Every batch holds the oldest item: under a budget a short one cannot starve behind longer ones."""
+    b = LengthBatcher(8, 10.0, len, window=32, max_tokens=64, clock=FakeClock())
+    b.add("x")
+    first = []
+    for i in range(31):
+        first += b.add("y" * 60 + str(i))
+    assert first and "x" in first[0]
 
 
 def test_token_budget_bounds_each_batch_and_a_longer_item_goes_alone():

@@ -128,3 +128,56 @@ def test_a_token_budget_needs_variable_length_inputs_and_padding_excludes_a_devi
                       pad_value=0, device_preprocess=lambda xs, device: xs[0])
     with pytest.raises(ValueError, match="pad_multiple"):
         EngineConfig(max_tokens=4, pad_multiple=8)
+
+
+def test_a_record_comes_back_by_the_age_bound_while_another_bundle_keeps_records_coming():
+    import threading
+
+    model = SumLengths()
+    engine = Engine(sequence_task(model), EngineConfig(device="cpu", batch_size=8, bucket_batches=64,
+                                                       max_batch_wait_s=0.2)).retain()
+    stop = threading.Event()
+
+    def stream():  # a second bundle: records keep arriving and are never drained while the first one waits
+        bundle = engine.open_bundle()
+        i = 0
+        while not stop.is_set():
+            bundle.submit({"id": f"bg{i}", "seq": list(range(1, 60))})
+            bundle.poll()
+            i += 1
+        list(bundle.drain())
+
+    background = threading.Thread(target=stream, daemon=True)
+    background.start()
+    try:
+        bundle = engine.open_bundle()
+        bundle.submit({"id": "short", "seq": [1, 2, 3]})
+        started, out = time.monotonic(), []
+        while not out and time.monotonic() - started < 20:
+            out = bundle.poll()
+            time.sleep(0.01)
+        assert [r.record["id"] for r in out] == ["short"] and time.monotonic() - started < 5
+    finally:
+        stop.set()
+        background.join(30)
+        engine.release()
+
+
+def test_a_max_in_flight_below_the_window_narrows_the_window_instead_of_waiting_for_the_age_bound():
+    records = sequences(200)
+    started = time.monotonic()
+    out, _, _ = run(records, batch_size=16, bucket_batches=8, max_in_flight=64, max_batch_wait_s=30.0)
+    assert len(out) == 200 and time.monotonic() - started < 15
+
+
+def test_a_pad_value_the_dtype_cannot_hold_fails_the_batch_in_collate_naming_it():
+    task = InferenceTask(name="u8", load_model=SumLengths, pad_value=-1, inline_field="seq",
+                         preprocess=lambda data, record: np.asarray(data, dtype=np.uint8),
+                         postprocess=lambda rows, record: {})
+    engine = Engine(task, EngineConfig(device="cpu", batch_size=4, max_batch_wait_s=5.0)).retain()
+    try:
+        out = run_all(engine, [{"id": f"r{i}", "seq": [1, 2, 3][:i + 1]} for i in range(3)])
+    finally:
+        engine.release()
+    assert len(out) == 3
+    assert all(r.failure.stage == "collate" and "pad_value -1 is not a uint8 value" in r.failure.message for r in out)

@@ -1,0 +1,301 @@
+"""Scenario embed: all-MiniLM-L6-v2 over generated texts of log-normal length (about 6 to 512 tokens, median ~50).
+
+    python -m benchmarks.run --scenario embed --items 2000 --json out.json
+    python -m benchmarks.run --scenario embed --competitors sentence-transformers,beam_infer --items 500
+
+Competitors, in one process, same texts, same batch size:
+    sentence-transformers  SentenceTransformer.encode over the whole corpus at once: it sorts every text by length
+                           first (which a streaming job cannot) and pads each batch to its longest
+    runinference           Beam RunInference with its HuggingFace handler (HuggingFaceModelHandlerKeyedTensor):
+                           texts tokenized in a Map, batches padded to their longest in its inference_fn, mean
+                           pooling and normalisation there too; batches of --batch-size records
+    runinference-buckets   the same with Beam's own length bucketing (batch_length_fn, batch_bucket_boundaries
+                           16..512 and max_batch_duration_secs, which that bucketing needs)
+    beam_infer             `pipelines.run.run_job` (the embed job): length bucketing under a token budget
+    beam_infer-fifo        the same, batches in arrival order (bucket_batches=1, no token budget)
+
+Figures: texts/s and tokens/s (the texts' own tokens, truncated at 256) between the first tokenization and the
+last postprocess (for sentence-transformers, the encode call), and the padding ratio (padded / real tokens: what
+each ran through the model, [CLS] and [SEP] included). Targets (issue 14): beam_infer's padding <= 1.15; on the
+CPU >= 0.9 x sentence-transformers; on a GPU >= 1.5 x sentence-transformers and >= 5 x RunInference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import torch
+import torch.nn.functional as F
+from apache_beam.metrics import Metrics
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_infer import EngineConfig, ReadRecords, WritePredictions
+from beam_infer.runners import InProcessDirectRunner
+from beam_infer.tasks.embed import DEFAULT_EMBED_MODEL, model_directory, read_sentence_model, text_embedder
+from beam_infer.text_sample import generated_texts
+from benchmarks import competitors
+from benchmarks.monitor import Monitor, describe_device
+
+SCENARIO = "embed"
+COMPETITORS = ("sentence-transformers", "runinference", "runinference-buckets", "beam_infer", "beam_infer-fifo")
+_NAMESPACE = "bench_embed"
+_BUCKETS = [16, 32, 64, 128, 256, 512]
+
+
+def corpus(items: int, seed: int = 1) -> list[str]:
+    return generated_texts(items, seed=seed, median_words=45, max_words=450)
+
+
+def write_manifest(texts: Sequence[str], folder: str) -> str:
+    path = os.path.join(folder, "texts.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for i, text in enumerate(texts):
+            f.write(json.dumps({"id": f"t{i:06d}", "text": text}, ensure_ascii=False) + "\n")
+    return path
+
+
+def token_lengths(texts: Sequence[str], max_length: int) -> np.ndarray:
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model_directory(DEFAULT_EMBED_MODEL) / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+
+
+# ---- sentence-transformers ----------------------------------------------------------------------------
+
+
+def sentence_transformers(texts: list[str], lengths: np.ndarray, batch_size: int, device: torch.device,
+                          dtype: torch.dtype) -> dict[str, Any]:
+    """encode() over the whole corpus; its padding from its own order (longest text, by characters, first)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_directory(DEFAULT_EMBED_MODEL)), device=str(device),
+                                local_files_only=True, model_kwargs={"torch_dtype": dtype})
+    model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up: kernels, allocator
+    start = time.perf_counter()
+    model.encode(texts, batch_size=batch_size)
+    end = time.perf_counter()
+    order = np.argsort([-len(t) for t in texts])
+    padded = sum(len(chunk) * lengths[chunk].max() for chunk in np.array_split(order, -(-len(texts) // batch_size)))
+    return {"seconds": end - start, "steady": (start, end), "records": len(texts), "padded_tokens": int(padded)}
+
+
+# ---- Beam RunInference --------------------------------------------------------------------------------
+
+
+class _Tokenize(beam.DoFn):
+    def __init__(self, directory: str, max_length: int, clock_id: str) -> None:
+        self._directory, self._max_length, self._clock_id = directory, max_length, clock_id
+
+    def setup(self) -> None:
+        from tokenizers import Tokenizer
+
+        self._tokenizer = Tokenizer.from_file(os.path.join(self._directory, "tokenizer.json"))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(self._max_length)
+
+    def process(self, record: dict):
+        competitors._CLOCKS[self._clock_id].start()
+        ids = torch.tensor(self._tokenizer.encode(record["text"]).ids, dtype=torch.long)
+        yield record, {"input_ids": ids}
+
+
+def _ids_length(example: dict) -> int:
+    return len(example["input_ids"])
+
+
+def _pad_and_pool(batch, model, device, inference_args, model_id=None):
+    """RunInference's inference_fn: pads the batch to its longest, runs the encoder, mean-pools and normalises."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    ids = [example["input_ids"] for example in batch]
+    width = max(len(x) for x in ids)
+    padded = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, x in enumerate(ids):
+        padded[row, :len(x)] = x
+        mask[row, :len(x)] = 1
+    Metrics.counter(_NAMESPACE, "padded_tokens").inc(len(ids) * width)
+    with torch.inference_mode():
+        padded, mask = padded.to(device), mask.to(device)
+        hidden = model(input_ids=padded, attention_mask=mask)[0].float()
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = F.normalize((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0), dim=1).cpu().numpy()
+    return [PredictionResult(example, embedding) for example, embedding in zip(batch, pooled, strict=True)]
+
+
+class _Encoder(torch.nn.Module):
+    """The Hugging Face encoder as PytorchModelHandlerKeyedTensor builds it (model_class), in the run's dtype."""
+
+    def __init__(self, directory: str, dtype: str) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.encoder = AutoModel.from_pretrained(directory, local_files_only=True, use_safetensors=True).to(
+            getattr(torch, dtype))
+
+    def forward(self, **inputs):
+        return self.encoder(**inputs)
+
+
+class _Row(beam.DoFn):
+    def __init__(self, clock_id: str) -> None:
+        self._clock_id = clock_id
+
+    def process(self, keyed):
+        record, result = keyed
+        Metrics.counter(_NAMESPACE, "records").inc()
+        competitors._CLOCKS[self._clock_id].end()
+        yield {"id": record["id"], "model": DEFAULT_EMBED_MODEL, "embedding": result.inference}
+
+
+def runinference(manifest: str, output: str, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 buckets: bool) -> dict[str, Any]:
+    # Beam's HuggingFace handler imports TensorFlow whatever the framework: its PyTorch handler, as the image
+    # scenarios use, builds the same encoder (model_class) and runs this module's inference_fn.
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
+
+    model = read_sentence_model(model_directory(DEFAULT_EMBED_MODEL))
+    params = {"directory": model.directory, "dtype": str(dtype).removeprefix("torch.")}
+    weights = os.path.join(output, "state_dict.pt")
+    torch.save(_Encoder(**params).state_dict(), weights)
+    bucketing = {"batch_length_fn": _ids_length, "batch_bucket_boundaries": _BUCKETS,
+                 "max_batch_duration_secs": 1} if buckets else {}
+    handler = KeyedModelHandler(PytorchModelHandlerKeyedTensor(
+        state_dict_path=weights, model_class=_Encoder, model_params=params,
+        device="GPU" if device.type == "cuda" else "CPU", inference_fn=_pad_and_pool,
+        min_batch_size=batch_size, max_batch_size=batch_size, **bucketing))
+    clock_id, clock = competitors._new_clock()
+    start = time.perf_counter()
+    pipeline = beam.Pipeline(runner=InProcessDirectRunner(), options=PipelineOptions([]))
+    (pipeline
+     | "Read" >> ReadRecords(manifest, columns=("text",)) | "Spread" >> beam.Reshuffle()
+     | "Tokenize" >> beam.ParDo(_Tokenize(model.directory, model.max_length, clock_id))
+     | "RunInference" >> RunInference(handler)
+     | "Rows" >> beam.ParDo(_Row(clock_id))
+     | "Write" >> WritePredictions(output, text_embedder().output_schema.remove(2).remove(1), name="embeddings"))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = {c.key.metric.name: c.committed or c.attempted or 0
+                for c in result.metrics().query(MetricsFilter().with_namespace(_NAMESPACE))["counters"]}
+    return {"seconds": time.perf_counter() - start, "steady": (clock.first or 0.0, clock.last or 0.0),
+            "records": counters.get("records", 0), "padded_tokens": counters.get("padded_tokens", 0)}
+
+
+# ---- beam_infer ---------------------------------------------------------------------------------------
+
+
+def beam_infer(manifest: str, output: str, config: EngineConfig) -> dict[str, Any]:
+    run = competitors.beam_infer(text_embedder(), config, manifest, output, rows="embeddings")
+    return {"seconds": run.seconds, "steady": (run.steady_start, run.steady_end), "records": run.records,
+            "padded_tokens": run.counters.get("padded_tokens", 0), "batches": run.batches,
+            "mean_batch_size": run.mean_batch_size, "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()}}
+
+
+# ---- the scenario --------------------------------------------------------------------------------------
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    names = args.competitors.split(",") if args.competitors != "default" else list(COMPETITORS)
+    unknown = set(names) - set(COMPETITORS)
+    if unknown:
+        raise SystemExit(f"unknown competitors for --scenario embed {sorted(unknown)}: {', '.join(COMPETITORS)}")
+    items = args.items or 2000
+    batch_size = args.batch_size or 128
+    device = torch.device(args.device)
+    config = EngineConfig(batch_size=batch_size, device=args.device, max_tokens=16384,
+                          decode_threads=args.decode_threads)
+    dtype = config.torch_dtype(device)
+    texts = corpus(items)
+    model = read_sentence_model(model_directory(DEFAULT_EMBED_MODEL))
+    lengths = token_lengths(texts, model.max_length)
+    real = int(lengths.sum())
+    scratch = tempfile.mkdtemp(prefix="beam_infer_bench_embed_")
+    manifest = write_manifest(texts, scratch)
+    rows = []
+    try:
+        for name in names:
+            output = os.path.join(scratch, name)
+            os.makedirs(output)
+            with Monitor(device) as monitor:
+                if name == "sentence-transformers":
+                    run = sentence_transformers(texts, lengths, batch_size, device, dtype)
+                elif name.startswith("runinference"):
+                    run = runinference(manifest, output, batch_size, device, dtype, name.endswith("buckets"))
+                else:
+                    fifo = {"bucket_batches": 1, "max_tokens": 0} if name.endswith("fifo") else {}
+                    run = beam_infer(manifest, output, dataclasses.replace(config, **fifo))
+            usage = monitor.usage_between(*run["steady"])
+            steady = run["steady"][1] - run["steady"][0]
+            rows.append({
+                "name": name, "records": run["records"], "seconds": round(run["seconds"], 2),
+                "texts_per_s": round(run["records"] / steady, 1) if steady > 0 else None,
+                "tokens_per_s": round(real * run["records"] / items / steady) if steady > 0 else None,
+                "padding_ratio": round(run["padded_tokens"] / real, 3) if run["padded_tokens"] else None,
+                "gpu_util_pct": usage.gpu_util_pct, "peak_rss_mb": round(usage.peak_rss_mb),
+                **{k: run[k] for k in ("batches", "mean_batch_size", "busy_s") if k in run}})
+            shutil.rmtree(output, ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    from benchmarks.run import git_commit
+
+    result = {"scenario": SCENARIO, "device": describe_device(device), "date": datetime.date.today().isoformat(),
+              "commit": git_commit(), "model": DEFAULT_EMBED_MODEL, "items": items, "batch_size": batch_size,
+              "max_tokens": config.max_tokens, "bucket_batches": config.bucket_batches,
+              "dtype": str(dtype).removeprefix("torch."), "tokens": real,
+              "token_lengths": {q: int(np.percentile(lengths, q)) for q in (0, 50, 95, 100)}, "competitors": rows}
+    result["targets"] = targets(result, device)
+    return result
+
+
+def targets(result: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    by_name = {c["name"]: c for c in result["competitors"]}
+
+    def ratio(ours: str, theirs: str) -> float | None:
+        a, b = by_name.get(ours, {}).get("texts_per_s"), by_name.get(theirs, {}).get("texts_per_s")
+        return round(a / b, 3) if a and b else None
+
+    found = [("beam_infer padding ratio (at most)", by_name.get("beam_infer", {}).get("padding_ratio"), 1.15, False)]
+    if device.type == "cuda":
+        found += [("beam_infer / sentence-transformers", ratio("beam_infer", "sentence-transformers"), 1.5, True),
+                  ("beam_infer / runinference", ratio("beam_infer", "runinference"), 5.0, True)]
+    else:
+        found += [("beam_infer / sentence-transformers", ratio("beam_infer", "sentence-transformers"), 0.9, True)]
+    return [{"target": text, "minimum" if at_least else "maximum": bound, "value": value,
+             "met": value is not None and (value >= bound if at_least else value <= bound)}
+            for text, value, bound, at_least in found]
+
+
+def render(result: dict[str, Any]) -> str:
+    q = result["token_lengths"]
+    lines = [f"embed on {result['device']} ({result['date']}, commit {result['commit'][:10]}): {result['items']} texts "
+             f"of {q['0']}-{q['100']} tokens (median {q['50']}, {result['tokens']:,} in all), {result['model']}, "
+             f"{result['dtype']}, batch {result['batch_size']}, max_tokens {result['max_tokens']}",
+             f"{'competitor':<23}{'texts':>7}{'texts/s':>9}{'tokens/s':>10}{'padding':>9}{'GPU %':>7}{'RSS MB':>8}"]
+    for c in result["competitors"]:
+        def cell(value, fmt):
+            return format(value, fmt) if value is not None else "-"
+        lines.append(f"{c['name']:<23}{c['records']:>7}{cell(c['texts_per_s'], ',.1f'):>9}"
+                     f"{cell(c['tokens_per_s'], ','):>10}{cell(c['padding_ratio'], '.3f'):>9}"
+                     f"{cell(c['gpu_util_pct'], '.0f'):>7}{c['peak_rss_mb']:>8}")
+    for t in result["targets"]:
+        bound = t.get("minimum", t.get("maximum"))
+        sign = ">=" if "minimum" in t else "<="
+        value = "n/a" if t["value"] is None else f"{t['value']:,.3f}"
+        lines.append(f"target {t['target']} {sign} {bound}: {value} ({'met' if t['met'] else 'MISSED'})")
+    return "\n".join(lines)
