@@ -52,6 +52,7 @@ SCENARIO = "embed"
 COMPETITORS = ("sentence-transformers", "runinference", "runinference-buckets", "beam_infer", "beam_infer-fifo")
 _NAMESPACE = "bench_embed"
 _BUCKETS = [16, 32, 64, 128, 256, 512]
+_QUANTILES = (("min", 0), ("median", 50), ("p95", 95), ("max", 100))
 
 
 def corpus(items: int, seed: int = 1) -> list[str]:
@@ -89,8 +90,9 @@ def sentence_transformers(texts: list[str], lengths: np.ndarray, batch_size: int
     start = time.perf_counter()
     model.encode(texts, batch_size=batch_size)
     end = time.perf_counter()
-    order = np.argsort([-len(t) for t in texts])
-    padded = sum(len(chunk) * lengths[chunk].max() for chunk in np.array_split(order, -(-len(texts) // batch_size)))
+    order = np.argsort([-len(t) for t in texts])  # its own order: by characters, longest first
+    padded = sum(len(chunk) * lengths[chunk].max() for chunk in (order[i:i + batch_size]
+                                                                  for i in range(0, len(order), batch_size)))
     return {"seconds": end - start, "steady": (start, end), "records": len(texts), "padded_tokens": int(padded)}
 
 
@@ -114,8 +116,9 @@ class _Tokenize(beam.DoFn):
         yield record, {"input_ids": ids}
 
 
-def _ids_length(example: dict) -> int:
-    return len(example["input_ids"])
+def _ids_length(keyed: tuple) -> int:
+    """Beam's batch_length_fn: it sees the keyed element, (record, {"input_ids": ids})."""
+    return len(keyed[1]["input_ids"])
 
 
 def _pad_and_pool(batch, model, device, inference_args, model_id=None):
@@ -258,7 +261,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
               "commit": git_commit(), "model": DEFAULT_EMBED_MODEL, "items": items, "batch_size": batch_size,
               "max_tokens": config.max_tokens, "bucket_batches": config.bucket_batches,
               "dtype": str(dtype).removeprefix("torch."), "tokens": real,
-              "token_lengths": {q: int(np.percentile(lengths, q)) for q in (0, 50, 95, 100)}, "competitors": rows}
+              "token_lengths": {name: int(np.percentile(lengths, q)) for name, q in _QUANTILES}, "competitors": rows}
     result["targets"] = targets(result, device)
     return result
 
@@ -284,7 +287,7 @@ def targets(result: dict[str, Any], device: torch.device) -> list[dict[str, Any]
 def render(result: dict[str, Any]) -> str:
     q = result["token_lengths"]
     lines = [f"embed on {result['device']} ({result['date']}, commit {result['commit'][:10]}): {result['items']} texts "
-             f"of {q['0']}-{q['100']} tokens (median {q['50']}, {result['tokens']:,} in all), {result['model']}, "
+             f"of {q['min']}-{q['max']} tokens (median {q['median']}, {result['tokens']:,} in all), {result['model']}, "
              f"{result['dtype']}, batch {result['batch_size']}, max_tokens {result['max_tokens']}",
              f"{'competitor':<23}{'texts':>7}{'texts/s':>9}{'tokens/s':>10}{'padding':>9}{'GPU %':>7}{'RSS MB':>8}"]
     for c in result["competitors"]:
