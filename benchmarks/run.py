@@ -64,7 +64,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="run naive and runinference on only this many of the records (they are slow; "
                              "their records/s stay comparable); default: all")
     parser.add_argument("--model", help="classify scenarios: the classifier instead of ResNet-50, torchvision:<name> "
-                                            "or one_pixel (next to no compute: the run is decode-bound anywhere)")
+                                            "or one_pixel (next to no compute: the run is decode-bound anywhere); "
+                                            "embed: a sentence-transformers directory, random weights where it has "
+                                            "no model.safetensors (default: the shipped all-MiniLM-L6-v2)")
     parser.add_argument("--decode-threads", type=int, default=0,
                         help="beam_infer's decode threads (default 0: a thread per core)")
     parser.add_argument("--gil-switch-interval", type=float, default=EngineConfig.gil_switch_interval_s,

@@ -86,3 +86,22 @@ def test_remote_fetch_reads_every_object_at_both_latencies_and_beside_spdl_and_f
     assert result["proxy_requests"] >= 3 * 40 + 6
     assert [t["minimum"] for t in result["targets"]] == [0.8, 10.0, 0.95]
     assert "STORAGE_EMULATOR_HOST" not in os.environ  # the benchmark's emulator does not outlive it
+
+
+def test_embed_runs_every_competitor_on_a_model_directory_without_weights(tmp_path):
+    """The GPU machine's way: the shipped model's directory exported without its weights gets random ones."""
+    from benchmarks import embed
+
+    embed.export_config(str(tmp_path / "minilm"))
+    exported = tmp_path / "minilm"
+    assert not (exported / "model.safetensors").exists() and (exported / "tokenizer.json").exists()
+    result = bench.main(["--scenario", "embed", "--device", "cpu", "--items", "24", "--slow-items", "12",
+                         "--batch-size", "4", "--model", str(tmp_path / "minilm")])
+    assert result["weights"] == "random"
+    names = [c["name"] for c in result["competitors"]]
+    assert names == list(embed.COMPETITORS)
+    assert [c["records"] for c in result["competitors"]] == [24, 12, 12, 24, 12]
+    for c in result["competitors"]:
+        assert c["texts_per_s"] > 0 and c["tokens_per_s"] > 0 and c["padding_ratio"] >= 1.0
+    assert {t["target"] for t in result["targets"]} == {"beam_infer padding ratio (at most)",
+                                                      "beam_infer / sentence-transformers"}
