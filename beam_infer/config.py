@@ -63,7 +63,7 @@ class EngineConfig:
             goes alone). 0: batches are bounded by batch_size only.
         bucket_batches: for such a task, how many batches' worth of ready records (bucket_batches x batch_size)
             the batch thread holds to group records of similar length; 1 batches in arrival order. The automatic
-            max_in_flight grows by the window.
+            max_in_flight grows by the window (to bucket_batches + 8 batches).
         pad_multiple: a batch of variable-length inputs pads to its longest, rounded up to a multiple of this.
     """
 
@@ -153,8 +153,10 @@ class EngineConfig:
         return self.max_in_flight or 4 * self.batch_size
 
     def in_flight_limit_for(self, variable_length: bool) -> int:
-        """Records in flight: max_in_flight, or four batches plus, for variable-length inputs, the bucketing
-        window (bucket_batches batches), so that a full window leaves the device its four batches."""
+        """Records in flight: max_in_flight, or four batches; for variable-length inputs, the bucketing window
+        (bucket_batches batches) plus the eight batches that can be on their way from the batch thread to the
+        postprocess (collating, two queued, in the forward, two queued, unloading, postprocessing), so that the
+        window can fill while the device is busy."""
         if self.max_in_flight or not variable_length or self.bucket_batches == 1:
             return self.in_flight_limit
-        return (4 + self.bucket_batches) * self.batch_size
+        return (8 + self.bucket_batches) * self.batch_size

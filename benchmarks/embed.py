@@ -6,7 +6,8 @@
 Competitors, in one process, same texts, same batch size:
     sentence-transformers  SentenceTransformer.encode over the whole corpus at once: it sorts every text by length
                            first (which a streaming job cannot) and pads each batch to its longest
-    runinference           Beam RunInference with its HuggingFace handler (HuggingFaceModelHandlerKeyedTensor):
+    runinference           Beam RunInference with its PyTorch handler (PytorchModelHandlerKeyedTensor; Beam's
+                           HuggingFace handler imports TensorFlow) running the same Hugging Face encoder:
                            texts tokenized in a Map, batches padded to their longest in its inference_fn, mean
                            pooling and normalisation there too; batches of --batch-size records
     runinference-buckets   the same with Beam's own length bucketing (batch_length_fn, batch_bucket_boundaries

@@ -272,9 +272,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger().setLevel(logging.WARNING)
     args = parse_args(argv)
     if args.scenario in (REMOTE_FETCH, EMBED):
-        from benchmarks import embed, remote_fetch
+        import importlib
 
-        module = remote_fetch if args.scenario == REMOTE_FETCH else embed
+        module = importlib.import_module(f"benchmarks.{args.scenario.replace('-', '_')}")
         result = module.benchmark(args)
         print(module.render(result), flush=True)
     else:

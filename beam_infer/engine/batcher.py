@@ -76,7 +76,8 @@ class LengthBatcher(Generic[T]):
     than it (the window kept sorted by length), as many as the bounds allow, or, where too few are shorter, the
     shortest items and then longer ones up to the bounds. A batch goes when the window is full, when the oldest
     item is `max_wait_s` old, and (every batch) when a bundle drains. The window stays sorted as items arrive
-    (a bisect and a list insert), so a batch costs its own items, not a sort of the window.
+    (a bisect and a list insert, a memmove of the window), so a batch costs a numpy pass over its neighbours, not a
+    sort of the window.
     """
 
     def __init__(self, batch_size: int, max_wait_s: float, length: Callable[[T], int], *, window: int,
@@ -149,7 +150,7 @@ class LengthBatcher(Generic[T]):
             len(tops), self.batch_size)
         counts = np.maximum(counts, 1)
         starts = tops - counts + 1
-        full = (starts >= 0) & (starts <= rank - lo) & (lo + starts >= 0)
+        full = (starts >= 0) & (starts <= rank - lo)
         if full.any():
             prefix = np.concatenate(([0], np.cumsum(lengths)))
             real = prefix[tops + 1] - prefix[np.maximum(starts, 0)]

@@ -50,6 +50,7 @@ _STOP = object()  # sent down the stage queues to end the threads
 DEVICE_THREADS = ("beam_infer-batch", "beam_infer-forward", "beam_infer-unload")  # the threads that use the device
 _WAKE = object()  # makes the batch thread look again at a draining bundle
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds a preprocess may return: bool, int, uint, float
+_RECHECK_S = 0.005  # how often a due batch of variable-length records looks for room at the forward
 _REMOTE_JOIN_MIN_S = 0.5  # remote I/O's thread gets this long to end even when the stop's deadline has passed
 
 
@@ -357,31 +358,40 @@ class Run:
         if self._task.pad_value is None:
             return Batcher(c.batch_size, c.max_batch_wait_s)
         # An explicit max_in_flight below the window would keep it from filling: the window is what the bound
-        # leaves beside four batches on their way through the device.
-        window = min(c.bucket_batches * c.batch_size, max(c.batch_size, self._in_flight_limit - 4 * c.batch_size))
+        # leaves beside eight batches on their way through the device (EngineConfig.in_flight_limit_for).
+        window = min(c.bucket_batches * c.batch_size, max(c.batch_size, self._in_flight_limit - 8 * c.batch_size))
         return LengthBatcher(c.batch_size, c.max_batch_wait_s, _length, window=window, max_tokens=c.max_tokens,
                              pad_multiple=c.pad_multiple)
 
     def _batch_loop(self) -> None:
-        """Batches ready records by size, by age, or when a draining bundle waits on nothing else."""
+        """Batches ready records by size, by age, or when a draining bundle waits on nothing else.
+
+        A length batcher chooses better the more records it sees: it takes in every ready record before it chooses,
+        and while the forward already has batches waiting (the device is the bottleneck), a batch due by age waits
+        for room there, looking again every _RECHECK_S with the records that arrived meanwhile; the device does not
+        wait for it.
+        """
         batcher = self._batcher()
+        choosy = isinstance(batcher, LengthBatcher)
+        burst = self._in_flight_limit if choosy else self._config.batch_size
         while True:
+            wait = batcher.time_left()
+            if wait == 0.0 and choosy and self._to_forward.full():
+                wait = _RECHECK_S
             try:
-                msgs = [self._ready.get(timeout=batcher.time_left())]
+                msgs = [self._ready.get(timeout=wait)]
             except queue.Empty:
-                msgs = [None]  # the oldest record's batch is due by age
-            while len(msgs) < self._config.batch_size and not self._ready.empty():
+                msgs = []  # a batch is due by age, or it is time to look again
+            while len(msgs) < burst and not self._ready.empty():
                 msgs.append(self._ready.get())  # whatever else is ready: one wake-up per burst, not per record
             for msg in msgs:
                 if msg is _STOP:  # the last message: the pools upstream have stopped
                     self._launch_all(batcher.take_all())
                     return
-                if msg is None:
-                    self._launch_all(batcher.take_due())
-                elif msg is not _WAKE:
+                if msg is not _WAKE:
                     self._launch_all(batcher.add(msg))
-            while batcher.time_left() == 0.0:  # due by age while records kept coming (the queue never ran dry)
-                self._launch_all(batcher.take_due())
+            while batcher.time_left() == 0.0 and not (choosy and self._to_forward.full()):
+                self._launch_all(batcher.take_due())  # due by age (also while records keep coming)
             if len(batcher) and self._draining > 0 and self._nothing_upstream() and self._ready.empty():
                 self._launch_all(batcher.take_all())
             self._waiting = len(batcher)

@@ -22,7 +22,8 @@ def is_manifest(path: str) -> bool:
     return path.lower().endswith(MANIFEST_SUFFIXES)
 
 
-def _read_table(path: str) -> pa.Table:
+def _read_table(path: str, strings: tuple[str, ...] = ()) -> pa.Table:
+    """The manifest as a table; in a CSV, the `strings` columns stay strings (not numbers pyarrow guesses)."""
     with fsspec.open(path, "rb", **storage_options(path)) as f:
         lower = path.lower()
         if lower.endswith(".parquet"):
@@ -30,7 +31,8 @@ def _read_table(path: str) -> pa.Table:
             return pq.read_table(f)
         if lower.endswith(".csv"):
             import pyarrow.csv as pcsv
-            return pcsv.read_csv(f)
+            return pcsv.read_csv(f, convert_options=pcsv.ConvertOptions(
+                column_types=dict.fromkeys(strings, pa.string())))
         import pyarrow.json as pjson
         return pjson.read_json(f)
 
@@ -48,7 +50,7 @@ def read_manifest(path: str, columns: tuple[str, ...] = ("uri",)) -> Iterator[di
     Raises:
         ValueError: the manifest has none of `columns` (the fields a record names its input by).
     """
-    table = _read_table(path)
+    table = _read_table(path, tuple(columns))
     if not set(columns) & set(table.column_names):
         wanted = " or ".join(repr(c) for c in columns)
         raise ValueError(f"manifest {path} has no {wanted} column (columns: {', '.join(table.column_names)})")

@@ -6,8 +6,11 @@ engine's decode pool tokenizes it (the `tokenizers` batch encoder, which release
 tokenize side by side), truncated at the model's max length; the engine batches token ids of similar length under
 a token budget and pads each batch to its own longest with PAD. On the device the encoder runs with PAD masked,
 then mean pooling (or the CLS token, as the model's pooling configuration says) and L2 normalisation in float32;
-384 floats per record come back. Rows: id, embedding (fixed_size_list<float32>[dimension]), tokens (the ids used,
-[CLS] and [SEP] included), truncated.
+384 floats per record come back. Rows: id, embedding (fixed_size_list<float32>[dimension]), tokens (how many
+token ids the model saw, [CLS] and [SEP] included), truncated.
+
+The task carries the model's name (or a local directory's path), not the launcher's path to it: each worker finds
+the shipped model in its own site-packages.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ DEFAULT_EMBED_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_TEXT_FIELD = "text"
 PAD = -1  # token ids are >= 0: the encoder masks this value out
 _POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+_MODULES = ("Transformer", "Pooling", "Normalize")  # the sentence-transformers modules this task runs
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,11 @@ def read_sentence_model(directory: Path) -> SentenceModel:
     modules = directory / "modules.json"
     if modules.is_file():
         entries = json.loads(modules.read_text())
-        normalize = any(m.get("type", "").endswith("Normalize") for m in entries)
+        kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in entries]
+        others = [kind for kind in kinds if kind not in _MODULES]
+        if others:  # a Dense projection, say: its output would not be this model's embedding
+            raise ValueError(f"{directory}: modules {others} are not supported (only {', '.join(_MODULES)})")
+        normalize = "Normalize" in kinds
         for m in entries:
             if m.get("type", "").endswith("Pooling"):
                 pooling_config = json.loads((directory / m["path"] / "config.json").read_text())
@@ -117,11 +125,13 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, dim=1) if self.normalize else pooled
 
 
-def load_encoder(model: SentenceModel) -> nn.Module:
-    """The model's encoder from its directory, offline, safetensors only."""
+def load_encoder(spec: str) -> nn.Module:
+    """The encoder `spec` names, from its directory on this machine (a worker's site-packages is not the
+    launcher's), offline, safetensors only, with its pooling and normalisation."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
+    model = read_sentence_model(model_directory(spec))
     hf_logging.disable_progress_bar()  # its per-tensor loading bar, on every worker
     encoder = AutoModel.from_pretrained(model.directory, local_files_only=True, use_safetensors=True)
     return SentenceEncoder(encoder, model.pooling, model.normalize)
@@ -130,11 +140,10 @@ def load_encoder(model: SentenceModel) -> nn.Module:
 class Tokenize:
     """The task's preprocess: a text (the record's field, or a file's UTF-8 bytes) to int32 token ids, truncated at
     the model's max length, with the token count and whether it was truncated for the postprocess. Picklable: the
-    tokenizer is loaded once per process, on first use."""
+    tokenizer is loaded once per process, on first use, from the directory `spec` names there."""
 
-    def __init__(self, directory: str, max_length: int, field: str) -> None:
-        self._directory = directory
-        self._max_length = max_length
+    def __init__(self, spec: str, field: str) -> None:
+        self._spec = spec
         self._field = field
 
     def __call__(self, data: Any, record: Any) -> Preprocessed:
@@ -142,7 +151,7 @@ class Tokenize:
             data = data.decode("utf-8")  # a UnicodeDecodeError (a ValueError) is the record's dead letter
         elif not isinstance(data, str):
             raise TypeError(f"the {self._field!r} field must be a string, got {type(data).__name__}")
-        encoding = _tokenizer(self._directory, self._max_length).encode_batch([data])[0]  # releases the GIL
+        encoding = _tokenizer(self._spec).encode_batch([data])[0]  # releases the GIL
         ids = np.asarray(encoding.ids, dtype=np.int32)
         return Preprocessed(ids, {"tokens": len(ids), "truncated": bool(encoding.overflowing)})
 
@@ -151,18 +160,19 @@ _TOKENIZERS_LOCK = threading.Lock()
 
 
 @functools.cache
-def _cached_tokenizer(directory: str, max_length: int) -> Any:
+def _cached_tokenizer(spec: str) -> Any:
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(Path(directory) / "tokenizer.json"))
+    model = read_sentence_model(model_directory(spec))
+    tokenizer = Tokenizer.from_file(str(Path(model.directory) / "tokenizer.json"))
     tokenizer.no_padding()  # the engine pads each batch to its own longest
-    tokenizer.enable_truncation(max_length)
+    tokenizer.enable_truncation(model.max_length)
     return tokenizer
 
 
-def _tokenizer(directory: str, max_length: int) -> Any:
+def _tokenizer(spec: str) -> Any:
     with _TOKENIZERS_LOCK:  # functools.cache may build twice when threads race; one build per process
-        return _cached_tokenizer(directory, max_length)
+        return _cached_tokenizer(spec)
 
 
 def _embedding_row(outputs: tuple[np.ndarray, ...], record: Any) -> dict[str, Any]:
@@ -181,11 +191,13 @@ def text_embedder(spec: str = DEFAULT_EMBED_MODEL, text_field: str = DEFAULT_TEX
     Raises:
         ValueError: `spec` names no usable model directory.
     """
-    model = read_sentence_model(model_directory(spec))
+    model = read_sentence_model(model_directory(spec))  # here for the schema and the errors; workers read it again
+    if spec != DEFAULT_EMBED_MODEL:
+        spec = str(Path(spec).expanduser().resolve())  # a local directory: the same path on every worker
     return InferenceTask(
-        name=spec if spec == DEFAULT_EMBED_MODEL else Path(model.directory).name,
-        load_model=functools.partial(load_encoder, model),
-        preprocess=Tokenize(model.directory, model.max_length, text_field),
+        name=DEFAULT_EMBED_MODEL if spec == DEFAULT_EMBED_MODEL else Path(model.directory).name,
+        load_model=functools.partial(load_encoder, spec),
+        preprocess=Tokenize(spec, text_field),
         postprocess=_embedding_row,
         output_schema=embedding_schema(model.dimension),
         pad_value=PAD,

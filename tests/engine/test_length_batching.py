@@ -87,7 +87,7 @@ def test_a_bundle_smaller_than_the_window_drains_without_waiting_for_the_age_bou
     started = time.monotonic()
     out, _, engine = run(records, batch_size=16, bucket_batches=8, max_batch_wait_s=60.0)
     assert len(out) == 40 and time.monotonic() - started < 20
-    assert engine.in_flight_limit == (4 + 8) * 16  # the automatic bound grows by the window
+    assert engine.in_flight_limit == (8 + 8) * 16  # the automatic bound grows by the window
 
 
 def test_a_record_shaped_unlike_the_batch_past_its_first_dimension_fails_alone_in_collate():

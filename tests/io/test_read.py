@@ -38,6 +38,15 @@ def test_manifest_without_uri_column_is_a_clear_error(tmp_path):
         list(read_manifest(str(path)))
 
 
+def test_a_manifest_of_texts_keeps_a_numeric_looking_csv_text_column_as_strings_and_numbers_its_rows(tmp_path):
+    path = tmp_path / "texts.csv"
+    path.write_text("body,topic\n12345,1\nhello,2\n")
+    assert list(read_manifest(str(path), ("uri", "body"))) == [
+        {"body": "12345", "topic": 1, "id": "texts.csv:0"}, {"body": "hello", "topic": 2, "id": "texts.csv:1"}]
+    with pytest.raises(ValueError, match="no 'uri' or 'text' column"):
+        list(read_manifest(str(path), ("uri", "text")))
+
+
 def test_glob_lists_matching_files_sorted(tmp_path):
     for name in ["b.jpg", "a.jpg", "c.png"]:
         (tmp_path / name).write_bytes(b"x")

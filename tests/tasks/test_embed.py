@@ -1,6 +1,7 @@
 """The embed task against sentence-transformers' own encode(), and its failures."""
 
 import hashlib
+import json
 import os
 
 import numpy as np
@@ -93,6 +94,26 @@ def test_the_shipped_model_is_the_published_all_minilm_l6_v2_and_its_configurati
     model = read_sentence_model(directory)
     assert (model.max_length, model.pooling, model.normalize, model.dimension) == (256, "mean", True, 384)
     assert text_embedder().output_schema.field("embedding").type.list_size == 384
+
+
+def test_the_task_carries_the_models_name_and_each_worker_finds_its_own_copy():
+    import pickle
+
+    task = text_embedder()
+    pickled = pickle.dumps((task.load_model, task.preprocess))
+    assert b"all-MiniLM-L6-v2" in pickled and b"site-packages" not in pickled
+
+
+def test_a_model_with_a_module_beyond_transformer_pooling_and_normalize_is_refused(tmp_path):
+    from benchmarks.embed import export_config
+
+    export_config(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    (tmp_path / "modules.json").write_text(json.dumps(
+        modules + [{"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ValueError, match=r"modules \['Dense'\] are not supported"):
+        text_embedder(str(tmp_path))
 
 
 def test_a_model_folder_without_its_files_is_refused_by_name(tmp_path):
