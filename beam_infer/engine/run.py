@@ -48,9 +48,9 @@ _QUEUE_DEPTH = 2  # batches waiting between batch→forward and forward→unload
 HEALTH_CHECK_S = 1.0  # how often a caller blocked on the run (room, results) looks whether it has failed
 _STOP = object()  # sent down the stage queues to end the threads
 DEVICE_THREADS = ("beam_infer-batch", "beam_infer-forward", "beam_infer-unload")  # the threads that use the device
-_WAKE = object()  # makes the batch thread look again at a draining bundle
+_WAKE = object()  # makes the batch thread look again: at a draining bundle, or at a free slot at the forward
 _NUMERIC_KINDS = "biuf"  # numpy dtype kinds a preprocess may return: bool, int, uint, float
-_RECHECK_S = 0.005  # how often a due batch of variable-length records looks for room at the forward
+_RECHECK_S = 0.05  # the longest a due batch of variable-length records waits to look again for room at the forward
 _REMOTE_JOIN_MIN_S = 0.5  # remote I/O's thread gets this long to end even when the stop's deadline has passed
 
 
@@ -96,6 +96,7 @@ class Run:
         self._left = Tally()
         self._draining = 0  # bundles waiting in drain()
         self._waiting = 0  # ready records the batcher holds (a telemetry gauge, set by the batch thread)
+        self._deferring = False  # the batch thread holds a due batch until the forward has room: wake it then
         self._closed = False  # stopping: no remote I/O starts
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # bounded by _room
         self._to_forward: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
@@ -368,16 +369,17 @@ class Run:
 
         A length batcher chooses better the more records it sees: it takes in every ready record before it chooses,
         and while the forward already has batches waiting (the device is the bottleneck), a batch due by age waits
-        for room there, looking again every _RECHECK_S with the records that arrived meanwhile; the device does not
-        wait for it.
+        for room there (the forward wakes it when it takes a batch), with the records that arrived meanwhile; the
+        device does not wait for it.
         """
         batcher = self._batcher()
         choosy = isinstance(batcher, LengthBatcher)
         burst = self._in_flight_limit if choosy else self._config.batch_size
         while True:
             wait = batcher.time_left()
-            if wait == 0.0 and choosy and self._to_forward.full():
-                wait = _RECHECK_S
+            self._deferring = wait == 0.0 and choosy and self._to_forward.full() and not self._ended()
+            if self._deferring:
+                wait = _RECHECK_S  # the forward's wake-up comes first; this is a backstop
             try:
                 msgs = [self._ready.get(timeout=wait)]
             except queue.Empty:
@@ -390,7 +392,7 @@ class Run:
                     return
                 if msg is not _WAKE:
                     self._launch_all(batcher.add(msg))
-            while batcher.time_left() == 0.0 and not (choosy and self._to_forward.full()):
+            while batcher.time_left() == 0.0 and not (choosy and self._to_forward.full() and not self._ended()):
                 self._launch_all(batcher.take_due())  # due by age (also while records keep coming)
             if len(batcher) and self._draining > 0 and self._nothing_upstream() and self._ready.empty():
                 self._launch_all(batcher.take_all())
@@ -533,6 +535,8 @@ class Run:
     def _forward(self, batch: Batch) -> None:
         """Runs the model on the compute stream once the batch's copy is done, then starts the D2H copy."""
         stage = "forward"
+        if self._deferring:  # a slot at the forward is free now: the batch thread may launch its due batch
+            self._ready.put(_WAKE)
         if self._ended():
             self._release_input(batch)
             batch.device_input = None
