@@ -12,10 +12,12 @@ Competitors, in one process, same texts, same batch size:
                            pooling and normalisation there too; batches of --batch-size records
     runinference-buckets   the same with Beam's own length bucketing (batch_length_fn, batch_bucket_boundaries
                            16..512 and max_batch_duration_secs, which that bucketing needs)
+    spdl                   SPDL's pipeline without Beam (benchmarks/spdl_competitor.py) on the same task: records
+                           aggregated in arrival order, each batch padded to its longest (SPDL has no bucketing)
     beam_infer             `pipelines.run.run_job` (the embed job): length bucketing under a token budget
     beam_infer-fifo        the same, batches in arrival order (bucket_batches=1, no token budget)
 
-RunInference and beam_infer-fifo, slow by design, run on the first --slow-items texts (rates stay comparable).
+RunInference, spdl and beam_infer-fifo, slow by design, run on the first --slow-items texts (rates stay comparable).
 Figures: texts/s and tokens/s (the texts' own tokens, truncated at 256) between the first tokenization and the
 last postprocess (for sentence-transformers, the encode call), and the padding ratio (padded / real tokens: what
 each ran through the model, [CLS] and [SEP] included). Targets (issue 14): beam_infer's padding <= 1.15; on the
@@ -53,7 +55,8 @@ from benchmarks import competitors
 from benchmarks.monitor import Monitor, describe_device
 
 SCENARIO = "embed"
-COMPETITORS = ("sentence-transformers", "runinference", "runinference-buckets", "beam_infer", "beam_infer-fifo")
+COMPETITORS = ("sentence-transformers", "runinference", "runinference-buckets", "spdl", "beam_infer",
+               "beam_infer-fifo")
 _NAMESPACE = "bench_embed"
 _BUCKETS = [16, 32, 64, 128, 256, 512]
 _QUANTILES = (("min", 0), ("median", 50), ("p95", 95), ("max", 100))
@@ -241,6 +244,17 @@ def beam_infer(manifest: str, output: str, directory: str, config: EngineConfig)
             "mean_batch_size": run.mean_batch_size, "busy_s": {k: round(v, 3) for k, v in run.busy_s.items()}}
 
 
+def spdl(manifest: str, output: str, directory: str, config: EngineConfig) -> dict[str, Any]:
+    from benchmarks.spdl_competitor import spdl as spdl_run
+
+    with open(manifest, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    run = spdl_run(text_embedder(directory), config, records, output)
+    return {"seconds": run.seconds, "steady": (run.steady_start, run.steady_end), "records": run.records,
+            "padded_tokens": run.counters.get("padded_tokens", 0), "batches": run.batches,
+            "mean_batch_size": run.mean_batch_size}
+
+
 # ---- the scenario --------------------------------------------------------------------------------------
 
 
@@ -278,12 +292,15 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 elif name.startswith("runinference"):
                     run = runinference(slow_manifest, output, directory, batch_size, device, dtype,
                                        name.endswith("buckets"))
+                elif name == "spdl":
+                    run = spdl(slow_manifest, output, directory, config)
                 else:
                     fifo = {"bucket_batches": 1, "max_tokens": 0} if name.endswith("fifo") else {}
                     run = beam_infer(slow_manifest if fifo else manifest, output, directory,
                                      dataclasses.replace(config, **fifo))
             usage = monitor.usage_between(*run["steady"])
-            run_lengths = lengths[:slow] if name.startswith("runinference") or name.endswith("fifo") else lengths
+            run_lengths = lengths[:slow] if name.startswith(("runinference", "spdl")) or name.endswith("fifo") \
+                else lengths
             run_real = int(run_lengths.sum())
             steady = run["steady"][1] - run["steady"][0]
             rows.append({

@@ -23,7 +23,7 @@ from beam_infer.engine import as_numpy, load_on_device
 from beam_infer.io.fetch import fetch_bytes
 from beam_infer.io.gcs_env import prepare_gcsfs, storage_options
 from beam_infer.io.put import is_local_uri
-from beam_infer.task import InferenceTask, Record, record_id
+from beam_infer.task import InferenceTask, Preprocessed, Record, record_id
 from benchmarks.competitors import Clock, Run, put_blobs
 
 
@@ -57,24 +57,37 @@ def spdl(task: InferenceTask, config: EngineConfig, records: list[Record], outpu
     spdl_io = importlib.import_module("spdl.io") if cuda else None  # its transfers need CUDA
     clock = Clock()
     stages: dict[str, dict[str, float]] = {}
-    remote = bool(records) and not is_local_uri(records[0]["uri"])
+    remote = bool(records) and bool(records[0].get("uri")) and not is_local_uri(records[0]["uri"])
+    padded = [0]  # elements collated, padding included (variable-length inputs)
     prepare_gcsfs()  # under STORAGE_EMULATOR_HOST: no wait on Google's storage-control API
     fetcher = _AsyncFetch(len(records), config.fetch_concurrency)
     side = threading.local()  # each H2D thread's own CUDA stream for device_preprocess
 
     def load(record: Record) -> tuple[Record, np.ndarray]:
+        if not record.get("uri") and task.inline_field is not None:  # the record carries its input (a text)
+            return preprocess((record, record[task.inline_field]))
         return preprocess((record, fetch_bytes(record["uri"])))
 
-    def preprocess(item: tuple[Record, bytes]) -> tuple[Record, np.ndarray]:
+    def preprocess(item: tuple[Record, Any]) -> tuple[Record, np.ndarray]:
         clock.start()
         record, data = item
-        return record, task.preprocess(data, record)
+        value = task.preprocess(data, record)
+        if isinstance(value, Preprocessed):  # fields for the postprocess, as beam_infer's engine passes them
+            return {**record, **value.fields}, np.asarray(value.array)
+        return record, value
 
     def collate(items: list[tuple[Record, np.ndarray]]):
         batch_records = [r for r, _ in items]
         arrays = [a for _, a in items]
         if task.device_preprocess is not None:
             return batch_records, [torch.from_numpy(np.require(a, requirements="W")) for a in arrays]
+        if task.pad_value is not None:  # variable lengths: the batch, in arrival order, padded to its longest
+            width = max(a.shape[0] for a in arrays)
+            stacked = np.full((len(arrays), width, *arrays[0].shape[1:]), task.pad_value, dtype=arrays[0].dtype)
+            for row, a in zip(stacked, arrays, strict=True):
+                row[:a.shape[0]] = a
+            padded[0] += stacked.shape[0] * stacked.shape[1]
+            arrays = list(stacked)
         if not cuda:
             return batch_records, torch.from_numpy(np.stack(arrays))
         batch = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.from_numpy(np.empty(0, arrays[0].dtype)).dtype,
@@ -165,7 +178,8 @@ def spdl(task: InferenceTask, config: EngineConfig, records: list[Record], outpu
     busy = {name: round(s["tasks"] * s["ave_s"], 3) for name, s in stages.items() if "ave_s" in s}
     batches = stages.get("forward", {}).get("tasks")
     return Run(done, end - start, clock.first or start, clock.last or end, busy, batches,
-               round(done / batches, 1) if batches else None, stages)
+               round(done / batches, 1) if batches else None, stages,
+               counters={"padded_tokens": padded[0]} if padded[0] else {})
 
 
 class _AsyncFetch:
