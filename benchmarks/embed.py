@@ -360,7 +360,8 @@ def render(result: dict[str, Any]) -> str:
         bound = t.get("minimum", t.get("maximum"))
         sign = ">=" if "minimum" in t else "<="
         value = "n/a" if t["value"] is None else f"{t['value']:,.3f}"
-        lines.append(f"target {t['target']} {sign} {bound}: {value} ({'met' if t['met'] else 'MISSED'})")
+        verdict = "met" if t["met"] else "not measured" if t["value"] is None else "MISSED"
+        lines.append(f"target {t['target']} {sign} {bound}: {value} ({verdict})")
     return "\n".join(lines)
 
 
