@@ -14,8 +14,12 @@ from beam_infer.text_sample import generated_texts
 from tests.fakes import run_all
 
 pytestmark = pytest.mark.timeout(120)
-# all-MiniLM-L6-v2's model.safetensors as Hugging Face publishes it (sentence-transformers/all-MiniLM-L6-v2)
-PUBLISHED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+# The files as Hugging Face publishes them (sentence-transformers/all-MiniLM-L6-v2, revision 1110a243fdf4706b3f4…)
+PUBLISHED_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+}
 LONG = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 176  # 10,032 characters
 EDGE_CASES = [
     "", " ", "   \t\n  ", "a", "😀", "🚀🎉✅ emoji only and then words 👍🏽",
@@ -89,8 +93,8 @@ def test_non_string_missing_and_undecodable_texts_are_dead_letters_naming_the_fi
 
 def test_the_shipped_model_is_the_published_all_minilm_l6_v2_and_its_configuration_is_read():
     directory = model_directory(DEFAULT_EMBED_MODEL)
-    digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
-    assert digest == PUBLISHED_SHA256
+    digests = {name: hashlib.sha256((directory / name).read_bytes()).hexdigest() for name in PUBLISHED_SHA256}
+    assert digests == PUBLISHED_SHA256
     model = read_sentence_model(directory)
     assert (model.max_length, model.pooling, model.normalize, model.dimension) == (256, "mean", True, 384)
     assert text_embedder().output_schema.field("embedding").type.list_size == 384
