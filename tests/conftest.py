@@ -10,7 +10,13 @@ pytest_plugins = ["tests.gcs.fixtures"]  # gcs_server, gcs: gs:// on loopback (f
 REQUIRE_JVM = "BEAM_INFER_REQUIRE_JVM"  # set to 1 (as .ci/run does): a JVM test that would skip fails instead
 
 
+JVM_CLUSTERS = "jvm-clusters"  # pytest-xdist group of the Flink and Spark cluster tests: one at a time, on one worker
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:  # for `-n 2 --dist loadgroup` (the README's test command): a module's tests share a worker,
+        cluster = "flink_cluster" in item.keywords or "spark_cluster" in item.keywords  # and its fixtures
+        item.add_marker(pytest.mark.xdist_group(JVM_CLUSTERS if cluster else item.nodeid.split("::")[0]))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA; run the gpu-marked tests on a GPU machine")
