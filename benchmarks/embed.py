@@ -49,7 +49,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_infer import EngineConfig, ReadRecords, WritePredictions
 from beam_infer.runners import InProcessDirectRunner
-from beam_infer.tasks.embed import DEFAULT_EMBED_MODEL, model_directory, read_sentence_model, text_embedder
+from beam_infer.tasks.embed import (
+    DEFAULT_EMBED_MODEL,
+    model_directory,
+    read_sentence_model,
+    text_embedder,
+    tokenizer,
+)
 from beam_infer.text_sample import generated_texts
 from benchmarks import competitors
 from benchmarks.monitor import Monitor, describe_device
@@ -100,13 +106,8 @@ def export_config(target: str) -> None:
                     dirs_exist_ok=True)
 
 
-def token_lengths(texts: Sequence[str], directory: str, max_length: int) -> np.ndarray:
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length)
-    return np.array([len(e.ids) for e in tokenizer.encode_batch(list(texts))])
+def token_lengths(texts: Sequence[str], directory: str) -> np.ndarray:
+    return np.array([len(e.ids) for e in tokenizer(directory).encode_batch(list(texts))])
 
 
 # ---- sentence-transformers ----------------------------------------------------------------------------
@@ -133,15 +134,11 @@ def sentence_transformers(texts: list[str], lengths: np.ndarray, directory: str,
 
 
 class _Tokenize(beam.DoFn):
-    def __init__(self, directory: str, max_length: int, clock_id: str) -> None:
-        self._directory, self._max_length, self._clock_id = directory, max_length, clock_id
+    def __init__(self, directory: str, clock_id: str) -> None:
+        self._directory, self._clock_id = directory, clock_id
 
     def setup(self) -> None:
-        from tokenizers import Tokenizer
-
-        self._tokenizer = Tokenizer.from_file(os.path.join(self._directory, "tokenizer.json"))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(self._max_length)
+        self._tokenizer = tokenizer(self._directory)
 
     def process(self, record: dict):
         competitors._CLOCKS[self._clock_id].start()
@@ -221,7 +218,7 @@ def runinference(manifest: str, output: str, directory: str, batch_size: int, de
     pipeline = beam.Pipeline(runner=InProcessDirectRunner(), options=PipelineOptions([]))
     (pipeline
      | "Read" >> ReadRecords(manifest, columns=("text",)) | "Spread" >> beam.Reshuffle()
-     | "Tokenize" >> beam.ParDo(_Tokenize(model.directory, model.max_length, clock_id))
+     | "Tokenize" >> beam.ParDo(_Tokenize(model.directory, clock_id))
      | "RunInference" >> RunInference(handler)
      | "Rows" >> beam.ParDo(_Row(clock_id))
      | "Write" >> WritePredictions(output, text_embedder(directory).output_schema.remove(2).remove(1),
@@ -274,8 +271,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     try:
         directory, weights = model_files(args.model, scratch)
-        model = read_sentence_model(Path(directory))
-        lengths = token_lengths(texts, directory, model.max_length)
+        lengths = token_lengths(texts, directory)
         real = int(lengths.sum())
         manifest = write_manifest(texts, scratch)
         slow = min(args.slow_items or items, items)  # RunInference is slow by design: a prefix, rates comparable

@@ -151,7 +151,7 @@ class Tokenize:
             data = data.decode("utf-8")  # a UnicodeDecodeError (a ValueError) is the record's dead letter
         elif not isinstance(data, str):
             raise TypeError(f"the {self._field!r} field must be a string, got {type(data).__name__}")
-        encoding = _tokenizer(self._spec).encode_batch([data])[0]  # releases the GIL
+        encoding = tokenizer(self._spec).encode_batch([data])[0]  # releases the GIL
         ids = np.asarray(encoding.ids, dtype=np.int32)
         return Preprocessed(ids, {"tokens": len(ids), "truncated": bool(encoding.overflowing)})
 
@@ -170,7 +170,9 @@ def _cached_tokenizer(spec: str) -> Any:
     return tokenizer
 
 
-def _tokenizer(spec: str) -> Any:
+def tokenizer(spec: str) -> Any:
+    """The `tokenizers.Tokenizer` of the model `spec` names, as the task uses it (no padding, truncation at the
+    model's max length), one per process."""
     with _TOKENIZERS_LOCK:  # functools.cache may build twice when threads race; one build per process
         return _cached_tokenizer(spec)
 
