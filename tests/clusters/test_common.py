@@ -16,7 +16,16 @@ from tests.clusters.common import HOST, Processes, WorkerPool, children, free_po
 pytestmark = pytest.mark.timeout(60)
 
 
-def _gone(pid: int) -> bool:
+def _gone(pid: int, within_s: float = 5.0) -> bool:
+    """Whether `pid` has ended (a zombie counts) within `within_s`: a SIGKILL takes effect asynchronously, and on a
+    loaded machine (two test workers on 2 cores) a process may still be running the instant after it was sent."""
+    deadline = time.monotonic() + within_s
+    while not _ended(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _ended(pid)
+
+
+def _ended(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie that init will reap
